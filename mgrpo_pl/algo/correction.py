@@ -1,0 +1,129 @@
+"""Layer-2 planning: correction queries, guide phrases, selection and bookkeeping (paper Sec. 4.2).
+
+Paper Eq. 4 builds the correction query ``q'_i = concat(q, o_i) + p_guide``. Following the paper's Table 1 the query
+continues the SAME assistant turn: the chat-templated problem, then ``o_i`` without its end-of-turn token (cut before
+``</think>`` for reasoning models, so the guide phrase continues the thinking), then the guide phrase. Everything
+here works on token ids so the layer-1 tokens enter layer 2 exactly as they were sampled.
+
+Selection keeps the queries whose probe correction the verifier accepted ("if errors cannot be corrected, the
+data is discarded"); both originally-right and originally-wrong ``o_i`` are eligible, which is what teaches the
+model not to break a correct answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: The paper's seven guide phrases (Sec. 4.2), the default pool.
+DEFAULT_GUIDE_PHRASES: tuple[str, ...] = (
+    "Where might I have gone wrong this time? Let me double-check carefully.",
+    "Wait, let me double-check that.",
+    "Wait a minute, let me make sure I didn't make a mistake.",
+    "Hmm, let me think if there's another way to approach this problem.",
+    "Wait, maybe I can think about it like this:",
+    "Another thought: maybe I can",
+    "But wait, let me just make sure I didn't miss anything in the original problem.",
+)
+
+#: The intrinsic self-correction baseline's turn-2 prompt (paper Sec. 5, after Huang et al. 2023).
+INTRINSIC_SELF_CORRECTION_PROMPT = (
+    "The solution above may contain errors due to a misunderstanding of the question. Please identify and correct "
+    "any mistakes, then rewrite the solution clearly and accurately."
+)
+
+
+class GuidePool:
+    """A pool of guide phrases sampled uniformly at random, so the model cannot overfit one template.
+
+    Args:
+        phrases: The pool; empty pools and blank phrases are rejected.
+    """
+
+    def __init__(self, phrases: Sequence[str] = DEFAULT_GUIDE_PHRASES) -> None:
+        phrases = tuple(phrases)
+        if not phrases:
+            raise ValueError("the guide-phrase pool is empty: give at least one phrase (data.rollout.guide_phrases)")
+        blank = [i for i, p in enumerate(phrases) if not p.strip()]
+        if blank:
+            raise ValueError(f"guide phrases at positions {blank} are blank (data.rollout.guide_phrases)")
+        self.phrases = phrases
+
+    def __len__(self) -> int:
+        return len(self.phrases)
+
+    def sample(self, k: int, generator: torch.Generator | None = None) -> list[int]:
+        """Indices of ``k`` phrases drawn with replacement."""
+        return torch.randint(len(self.phrases), (k,), generator=generator).tolist()
+
+
+def _find(haystack: Sequence[int], needle: Sequence[int]) -> int:
+    """Index of the first occurrence of ``needle`` in ``haystack``, or -1."""
+    n = len(needle)
+    if n == 0:
+        return -1
+    for i in range(len(haystack) - n + 1):
+        if list(haystack[i : i + n]) == list(needle):
+            return i
+    return -1
+
+
+def continuation_body(
+    completion_ids: Sequence[int], end_ids: Sequence[int], think_close_ids: Sequence[int] = ()
+) -> list[int]:
+    """The part of a layer-1 completion that the layer-2 query keeps.
+
+    Trailing end-of-turn tokens are dropped (the turn must stay open) and, when ``think_close_ids`` occurs, the
+    completion is cut before it so the guide phrase lands inside the thinking block.
+    """
+    body = list(completion_ids)
+    while body and body[-1] in end_ids:
+        body.pop()
+    cut = _find(body, think_close_ids)
+    return body[:cut] if cut >= 0 else body
+
+
+def build_correction_query(
+    prompt_ids: Sequence[int],
+    completion_ids: Sequence[int],
+    guide_ids: Sequence[int],
+    end_ids: Sequence[int],
+    think_close_ids: Sequence[int] = (),
+) -> list[int]:
+    """Token ids of ``q ⊕ o ⊕ p_guide`` (paper Eq. 4) continuing the assistant turn."""
+    return [*prompt_ids, *continuation_body(completion_ids, end_ids, think_close_ids), *guide_ids]
+
+
+def select_verified(probe_rewards: Tensor, threshold: float = 1.0) -> Tensor:
+    """Indices of the queries whose probe correction verified. [N] float -> [K] long, K <= N."""
+    return (probe_rewards >= threshold).nonzero().flatten()
+
+
+@dataclass(frozen=True)
+class Layer2Plan:
+    """Maps every kept layer-2 group back to its problem and layer-1 sample.
+
+    Attributes:
+        query_index: [K] index of the kept query among the B*G layer-1 samples (prompt-major).
+        problem_index: [K] index of its problem in the batch (query_index // G).
+        sample_index: [K] index of its layer-1 sample within the problem's group (query_index % G).
+    """
+
+    query_index: Tensor
+    problem_index: Tensor
+    sample_index: Tensor
+
+    @classmethod
+    def from_selection(cls, kept: Tensor, group_size: int) -> Layer2Plan:
+        kept = kept.long()
+        return cls(query_index=kept, problem_index=kept // group_size, sample_index=kept % group_size)
+
+    def __len__(self) -> int:
+        return int(self.query_index.numel())
+
+    def kept_per_problem(self, num_problems: int) -> Tensor:
+        """[B] long: G' of each problem (kept layer-2 queries)."""
+        return torch.bincount(self.problem_index, minlength=num_problems)

@@ -1,0 +1,68 @@
+"""Layer-2 planning: queries continue the assistant turn, selection keeps verified probes, bookkeeping maps back."""
+
+import pytest
+import torch
+
+from mgrpo_pl.algo.correction import (
+    DEFAULT_GUIDE_PHRASES,
+    GuidePool,
+    Layer2Plan,
+    build_correction_query,
+    continuation_body,
+    select_verified,
+)
+
+END = [99]
+
+
+def test_default_pool_is_the_papers_seven_phrases():
+    assert len(DEFAULT_GUIDE_PHRASES) == 7
+    assert DEFAULT_GUIDE_PHRASES[1] == "Wait, let me double-check that."
+
+
+def test_query_is_prompt_then_completion_without_end_token_then_guide():
+    prompt, completion, guide = [1, 2, 3], [10, 11, 99], [50, 51]
+    assert build_correction_query(prompt, completion, guide, END) == [1, 2, 3, 10, 11, 50, 51]
+
+
+def test_unfinished_completion_is_kept_whole():
+    assert continuation_body([10, 11, 12], END) == [10, 11, 12]
+
+
+def test_completion_is_cut_before_think_close():
+    # "<think> a b </think> answer <end>" -> the guide must land inside the thinking block.
+    completion = [7, 10, 11, 40, 41, 12, 99]
+    assert continuation_body(completion, END, think_close_ids=[40, 41]) == [7, 10, 11]
+
+
+def test_guide_pool_rejects_empty_and_blank():
+    with pytest.raises(ValueError, match="guide_phrases"):
+        GuidePool([])
+    with pytest.raises(ValueError, match=r"positions \[1\]"):
+        GuidePool(["ok", "  "])
+
+
+def test_guide_pool_draws_every_phrase_and_is_seeded():
+    pool = GuidePool()
+    a = pool.sample(200, torch.Generator().manual_seed(3))
+    b = pool.sample(200, torch.Generator().manual_seed(3))
+    assert a == b
+    assert set(a) == set(range(7))
+
+
+def test_selection_and_bookkeeping():
+    # B=2 problems, G=3 samples each; probes of samples 1 (problem 0) and 3, 5 (problem 1) verified.
+    probe = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    kept = select_verified(probe)
+    assert kept.tolist() == [1, 3, 5]
+    plan = Layer2Plan.from_selection(kept, group_size=3)
+    assert plan.problem_index.tolist() == [0, 1, 1]
+    assert plan.sample_index.tolist() == [1, 0, 2]
+    assert plan.kept_per_problem(2).tolist() == [1, 2]
+    assert len(plan) == 3
+
+
+def test_no_probe_verified_gives_empty_plan():
+    plan = Layer2Plan.from_selection(select_verified(torch.zeros(4)), group_size=2)
+    assert len(plan) == 0
+    assert plan.kept_per_problem(2).tolist() == [0, 0]
