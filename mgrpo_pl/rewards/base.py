@@ -1,0 +1,53 @@
+"""The reward interface every verifier in ``mgrpo_pl`` follows.
+
+A reward is any callable with this call shape::
+
+    reward(completions: list[str], answers: list[str]) -> torch.Tensor  # float32, shape [N], N == len(completions)
+
+``completions[i]`` is the model's generated text (only the generated part, not the prompt) and ``answers[i]`` is the
+gold answer of the problem it answers, as the dataset states it (for math: a GSM8K solution ending in ``#### 72``, a
+MATH solution with ``\\boxed{...}``, or a plain answer string). Both lists have the same length; an implementation
+raises ``ValueError`` when they do not and returns an empty tensor for empty lists.
+
+The values are GRPO rewards and should lie in ``[0, 1]``; the rule-based verifiers return exactly 0.0 or 1.0, which
+is what a yes/no use (layer-2 selection, accuracy metrics) expects. A reward must return in bounded time for any
+input, however malformed: it runs inside every training step.
+
+A plain function qualifies, so a custom reward needs no base class::
+
+    def exact_match(completions: list[str], answers: list[str]) -> torch.Tensor:
+        if len(completions) != len(answers):
+            raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+        return torch.tensor([float(c.strip() == a.strip()) for c, a in zip(completions, answers)])
+
+``isinstance(obj, RewardFunction)`` only checks that ``obj`` is callable (``typing.Protocol`` cannot check
+signatures at run time); the static type checker checks the full call shape.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    # Only for annotations: reward workers import this package and must not pay for a torch import.
+    import torch
+
+
+@runtime_checkable
+class RewardFunction(Protocol):
+    """Scores completions against gold answers: ``(completions, answers) -> float32 tensor [N]`` in ``[0, 1]``."""
+
+    def __call__(self, completions: list[str], answers: list[str]) -> torch.Tensor:
+        """Return one reward per completion.
+
+        Args:
+            completions: The N generated texts.
+            answers: The N gold answers, ``answers[i]`` belonging to ``completions[i]``.
+
+        Returns:
+            A float32 tensor of shape ``[N]`` with values in ``[0, 1]``.
+
+        Raises:
+            ValueError: If the two lists differ in length.
+        """
+        ...

@@ -1,0 +1,339 @@
+"""Rule-based math reward on math-verify that cannot hang a training step.
+
+``MathReward()(completions, answers)`` returns 1.0 where math-verify judges the completion's final answer equal to the
+gold answer and 0.0 otherwise. Gold answers may be GSM8K solutions (``... #### 72``), MATH solutions (last
+``\\boxed{...}``) or plain strings (``72``, ``\\frac{3}{4}``, ``x^2+1``); ``normalize_gold`` reduces them to the bare
+answer, which is wrapped in ``$...$`` because math-verify does not parse raw LaTeX without delimiters. The completion is
+parsed exactly as math-verify's ``parse`` does by default (LaTeX then plain expressions, ``\\boxed{}`` first), and
+``verify(gold, prediction)`` is called gold first, as its asymmetric rules (percent, units, sets) expect.
+
+Why worker processes. Sympy comparisons of adversarial answers (``(2^{100000}+1)!``, power towers) can run for minutes,
+and math-verify's own timeouts use ``signal.alarm``, which only works in a process's main thread: a Lightning training
+step that scores from a callback thread would get a ``ValueError`` or, with timeouts disabled, no bound at all. So every
+item is scored in a pebble ``ProcessPool`` worker, in that worker's main thread, under two limits:
+
+* math-verify's own (soft) timeouts, ``max(1, timeout_s // 3)`` whole seconds per parse/compare (``signal.alarm``
+  takes integers). They end most runaway cases while keeping the worker alive.
+* a hard per-item limit of ``timeout_s`` enforced by pebble, which kills the worker and starts a replacement. It catches
+  what the alarm cannot interrupt (long C calls, several slow steps in one item).
+
+Either way the item scores 0 and is counted in ``stats()``. A call as a whole also has a generous deadline (a backstop
+should the pool itself misbehave). Nothing in the calling process parses untrusted text: gold normalisation runs in
+the worker too (its regexes once showed quadratic behaviour on long whitespace runs).
+
+Start method: ``forkserver`` by default. ``fork`` would copy the training process, with its torch/OpenMP threads and
+possibly a CUDA context, into every worker (forking a multi-threaded process can deadlock, and CUDA cannot be used
+after fork). ``spawn`` and ``forkserver`` are both safe: workers start from a fresh, single-threaded interpreter.
+``forkserver`` (the default on Linux from Python 3.14) is preferred: its workers are forks of a small server that is
+meant to preload ``__main__``, so a replacement worker need not re-import the training script. Measured on Python 3.11
+that preload does not take effect, so each new worker, under either method, re-runs the training script's imports
+(torch included, ~2-3 s): paid at pool start and after each hard kill, never per item. Scripts need the usual
+``if __name__ == "__main__":`` guard. The server is multiprocessing's, shared by the whole Python process; it stays up
+after ``close()`` and exits with the process.
+
+This module must not import torch at module level: the workers import it to unpickle the task function, and a torch
+import costs each worker ~3 s at start and after every kill.
+
+No integer fast path: reproducing math-verify's extraction for "plain integers" (several boxes become a set, ``5\\%``
+matches 5 and 0.05, ``x=5`` matches 5, ``1e3`` reads as ``1\\cdot e\\cdot 3``, ``\\$5.`` outside a box parses to
+nothing) would change results on exactly the cases a reward must get right, for a few ms per item on worker cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import re
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from math_verify import parse, verify
+from math_verify.errors import TimeoutException
+from pebble import ProcessPool
+
+from mgrpo_pl.rewards.answers import normalize_gold
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["MathReward"]
+
+_OK, _TIMEOUT, _KILLED, _ERROR, _NO_GOLD = "ok", "timeout", "killed", "error", "no_gold"
+
+logger = logging.getLogger(__name__)
+
+# Worker start-up (imports + warm-up) and a replacement after a kill are not covered by pebble's per-task timeout;
+# these allowances only size the whole-call backstop deadline, they never shorten a legitimate item.
+_POOL_START_ALLOWANCE_S = 120.0
+_RESTART_ALLOWANCE_S = 10.0
+
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+
+# Parsed once in each new worker so grammar and regex compilation happen outside any task's time limit.
+_WARMUP = (
+    ("so the answer is \\boxed{72}", "#### 72"),
+    ("\\boxed{\\frac{3}{4}}", "0.75"),
+    ("\\boxed{(1, 2]}", "(1,2]"),
+    ("The answer is $x^2+1$.", "\\boxed{1+x^2}"),
+)
+
+
+class _MathVerifyLogCounter(logging.Handler):
+    """Counts the timeouts and errors math-verify swallows (it logs them and returns False / [] instead of raising).
+
+    Counting by message text only affects the statistics, never a score: if a math-verify release rewords its log
+    lines, ``stats()`` under-counts soft timeouts and the tests that watch them fail loudly.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.timeouts = 0
+        self.errors = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.msg if isinstance(record.msg, str) else ""
+        if message.startswith("Timeout during"):
+            self.timeouts += 1
+        elif message.startswith("Error"):
+            self.errors += 1
+
+
+_LOG_COUNTER = _MathVerifyLogCounter()
+
+
+def _init_worker() -> None:
+    """Route math-verify's logging into the counter and warm the parser up. Runs once in each new worker."""
+    mv_logger = logging.getLogger("math_verify")
+    # propagate=False also keeps a 10^6-character input that timed out from being echoed into the training log.
+    mv_logger.handlers[:] = [_LOG_COUNTER]
+    mv_logger.setLevel(logging.DEBUG)
+    mv_logger.propagate = False
+    for completion, answer in _WARMUP:
+        _score_item(completion, answer, 5)
+
+
+def _gold_for_math_verify(answer: str) -> str:
+    """Normalise a gold answer and put it in math delimiters unless it already has some."""
+    gold = normalize_gold(answer)
+    if _UNESCAPED_DOLLAR.search(gold) or "\\(" in gold or "\\[" in gold:
+        return gold
+    return f"${gold}$"
+
+
+def _score_item(completion: str, answer: str, soft_timeout_s: int) -> tuple[float, str]:
+    """Score one completion in a worker. Returns ``(score, outcome)``, outcome one of ok/timeout/error/no_gold."""
+    timeouts_before, errors_before = _LOG_COUNTER.timeouts, _LOG_COUNTER.errors
+    correct = False
+    gold_ok = True
+    try:
+        gold = parse(_gold_for_math_verify(answer), parsing_timeout=soft_timeout_s)
+        gold_ok = bool(gold)
+        if gold_ok:
+            prediction = parse(completion, parsing_timeout=soft_timeout_s)
+            correct = bool(prediction) and bool(verify(gold, prediction, timeout_seconds=soft_timeout_s))
+    except TimeoutException:
+        # The alarm can fire just outside math-verify's own handlers.
+        return 0.0, _TIMEOUT
+    except Exception:
+        return 0.0, _ERROR
+    if _LOG_COUNTER.timeouts > timeouts_before:
+        outcome = _TIMEOUT
+    elif _LOG_COUNTER.errors > errors_before:
+        outcome = _ERROR
+    elif not gold_ok:
+        outcome = _NO_GOLD
+    else:
+        outcome = _OK
+    return (1.0 if correct else 0.0), outcome
+
+
+def _stop_pool(pool: ProcessPool) -> None:
+    """Stop a pebble pool and wait until its workers have exited."""
+    pool.stop()
+    pool.join()
+
+
+class MathReward:
+    """math-verify reward, 1.0 for a correct final answer, scored in worker processes with a hard per-item timeout.
+
+    Args:
+        timeout_s: Hard wall-clock limit per item, in seconds; an item that exceeds it has its worker killed and
+            scores 0. math-verify's own timeouts inside the worker are ``max(1, int(timeout_s // 3))`` seconds.
+        num_workers: Worker processes. Each item is one task, so a call takes about
+            ``ceil(N / num_workers)`` item-times.
+        start_method: ``"forkserver"`` (default), ``"spawn"`` or ``"fork"``; see the module docstring for why
+            ``fork`` is unsafe in a training process.
+
+    The pool starts on the first call and is reused; ``close()`` (or leaving a ``with`` block, or garbage collection,
+    or interpreter exit) stops it, and a later call starts a new one. Copies and unpickled instances share nothing
+    with the original: the pool is left out of the pickled state and started again on demand.
+    """
+
+    def __init__(self, timeout_s: float = 5.0, num_workers: int = 2, start_method: str = "forkserver") -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"start_method {start_method!r} is not available here; choose from "
+                f"{multiprocessing.get_all_start_methods()}"
+            )
+        self.timeout_s = float(timeout_s)
+        self.num_workers = int(num_workers)
+        self.start_method = start_method
+        self._counts = {"scored": 0, "timeouts": 0, "killed": 0, "errors": 0, "gold_unparsed": 0}
+        self._last_call_timeouts = 0
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ProcessPool | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    @property
+    def soft_timeout_s(self) -> int:
+        """Whole seconds given to each of math-verify's own parse/compare timeouts inside a worker."""
+        return max(1, int(self.timeout_s // 3))
+
+    def __call__(self, completions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        """Score each completion against its gold answer.
+
+        Args:
+            completions: N generated texts.
+            answers: N gold answers (GSM8K ``#### N`` solutions, MATH ``\\boxed{}`` solutions or plain strings;
+                non-strings are converted with ``str``).
+
+        Returns:
+            float32 tensor ``[N]`` of 0.0/1.0. Items that time out or fail score 0.0 and are counted in ``stats()``.
+
+        Raises:
+            ValueError: If ``completions`` and ``answers`` differ in length.
+        """
+        import torch  # deferred: see the module docstring (workers import this module)
+
+        if len(completions) != len(answers):
+            raise ValueError(
+                f"completions and answers must have the same length, got {len(completions)} completions "
+                f"and {len(answers)} answers"
+            )
+        if len(completions) == 0:
+            with self._lock:
+                self._last_call_timeouts = 0
+            return torch.zeros(0, dtype=torch.float32)
+        scores, outcomes = self._score_all([str(c) for c in completions], [str(a) for a in answers])
+        self._record(outcomes)
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def _score_all(self, completions: list[str], answers: list[str]) -> tuple[list[float], list[str]]:
+        pool = self._ensure_pool()
+        soft = self.soft_timeout_s
+        futures = [
+            pool.schedule(_score_item, args=(completion, answer, soft), timeout=self.timeout_s)
+            for completion, answer in zip(completions, answers, strict=True)
+        ]
+        waves = -(-len(futures) // self.num_workers)
+        deadline = time.monotonic() + _POOL_START_ALLOWANCE_S + waves * (self.timeout_s + _RESTART_ALLOWANCE_S)
+        scores = [0.0] * len(futures)
+        outcomes = [_ERROR] * len(futures)
+        first_error: BaseException | None = None
+        for i, future in enumerate(futures):
+            try:
+                scores[i], outcomes[i] = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                if not future.done():
+                    # Our whole-call backstop rather than pebble's per-item limit; cancelling kills the worker.
+                    future.cancel()
+                outcomes[i] = _KILLED
+            except Exception as error:
+                # ProcessExpired: the worker died (segfault, OOM kill, a script that fails when a worker imports it);
+                # CancelledError: close() from another thread.
+                outcomes[i] = _ERROR
+                first_error = first_error or error
+        if first_error is not None:
+            # Not silent: a systematic failure would otherwise look like a model that never answers correctly.
+            logger.warning(
+                "MathReward: %d of %d items could not be scored and score 0 (first error: %r)",
+                outcomes.count(_ERROR),
+                len(outcomes),
+                first_error,
+            )
+        return scores, outcomes
+
+    def _record(self, outcomes: list[str]) -> None:
+        killed = outcomes.count(_KILLED)
+        timeouts = outcomes.count(_TIMEOUT) + killed
+        with self._lock:
+            self._counts["scored"] += len(outcomes)
+            self._counts["timeouts"] += timeouts
+            self._counts["killed"] += killed
+            self._counts["errors"] += outcomes.count(_ERROR)
+            self._counts["gold_unparsed"] += outcomes.count(_NO_GOLD)
+            self._last_call_timeouts = timeouts
+
+    def stats(self) -> dict[str, int]:
+        """Counters for logging.
+
+        Returns:
+            ``scored``: items scored so far; ``timeouts``: items that hit a time limit (math-verify's own or the hard
+            one); ``killed``: of those, items whose worker had to be killed; ``errors``: items whose scoring raised
+            or whose worker died; ``gold_unparsed``: items whose gold answer math-verify could not parse (a data
+            problem: they always score 0); ``last_call_timeouts``: ``timeouts`` of the most recent call alone.
+            All but the last are cumulative since construction.
+        """
+        with self._lock:
+            return {**self._counts, "last_call_timeouts": self._last_call_timeouts}
+
+    def _ensure_pool(self) -> ProcessPool:
+        with self._lock:
+            if self._pool is not None and not self._pool.active:
+                # pebble marks a pool whose manager threads died as inactive; replace it rather than fail forever.
+                self._discard_pool_locked()
+            if self._pool is None:
+                context = multiprocessing.get_context(self.start_method)
+                self._pool = ProcessPool(max_workers=self.num_workers, initializer=_init_worker, context=context)
+                # Holds the pool, not self, so an abandoned reward is collected and its workers stopped.
+                self._finalizer = weakref.finalize(self, _stop_pool, self._pool)
+            return self._pool
+
+    def _discard_pool_locked(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # runs _stop_pool once and detaches
+        self._pool = None
+        self._finalizer = None
+
+    def start(self) -> None:
+        """Start the workers now instead of on the first call, e.g. while the model loads. Optional; returns at once."""
+        # pebble starts a pool's workers on its first task: a throwaway warm-up item does that without waiting.
+        self._ensure_pool().schedule(_score_item, args=(_WARMUP[0][0], _WARMUP[0][1], 1), timeout=self.timeout_s)
+
+    def close(self) -> None:
+        """Stop the worker processes and wait for them to exit. Safe to call twice; a later call restarts them."""
+        with self._lock:
+            self._discard_pool_locked()
+
+    def __enter__(self) -> MathReward:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_lock", "_pool", "_finalizer"):
+            state.pop(key, None)
+        state["_counts"] = dict(self._counts)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(timeout_s={self.timeout_s}, num_workers={self.num_workers}, "
+            f"start_method={self.start_method!r})"
+        )

@@ -1,0 +1,378 @@
+"""MathReward against real math-verify in real worker processes.
+
+The table's expected values were checked one by one against math-verify 0.9.0 (``verify(parse("$gold$"),
+parse(completion))``): it documents what the reward really does, including the surprising rows (``1e3`` reads as
+``1*e*3``, two different boxes become a set, ``\\$5.`` outside a box parses to nothing, ``5\\%`` matches 5).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mgrpo_pl.rewards import MathReward, RewardFunction
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 1.0
+# A call with one item may wait for a replacement worker (killed in an earlier test) to import and warm up.
+MARGIN_S = 4.0
+
+GSM8K_NATALIA = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+)
+GSM8K_EARNINGS = "She earns 5*200 = <<5*200=1000>>1000 dollars.\n#### 1,000"
+MATH_RATIO = "We compute the ratio of the areas. It equals $\\boxed{\\frac{3}{4}}$."
+
+# (completion, gold, expected reward)
+TABLE = [
+    # integers, negatives, wrong answers
+    ("So the answer is \\boxed{72}.", "72", 1.0),
+    ("So the answer is \\boxed{71}.", "72", 0.0),
+    ("The answer is 72.", "72", 1.0),  # no box: the last expression is used
+    ("Final answer: \\boxed{-3}", "-3", 1.0),
+    ("Final answer: \\boxed{3}", "-3", 0.0),
+    ("\\boxed{-72}", "72", 0.0),
+    ("\\boxed{72.0}", "72", 1.0),
+    # decimals and fractions
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{1/2}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{\\dfrac{3}{4}}", "3/4", 1.0),
+    ("\\boxed{\\frac{6}{8}}", "\\frac{3}{4}", 1.0),
+    ("\\boxed{7/2}", "3\\frac{1}{2}", 1.0),  # mixed number
+    ("\\boxed{3.50}", "3.5", 1.0),
+    ("\\boxed{0.333}", "\\frac{1}{3}", 0.0),  # compared at 6 decimals
+    ("\\boxed{0.3333333}", "\\frac{1}{3}", 1.0),
+    # thousands separators
+    ("\\boxed{1,000}", "1000", 1.0),
+    ("\\boxed{1{,}000}", "1000", 1.0),
+    ("The total is $1,000.", "1000", 1.0),
+    # units, currency, percent, degrees
+    ("\\boxed{5 \\text{ cm}}", "5", 1.0),
+    ("\\boxed{5}", "5 cm", 1.0),
+    ("\\boxed{\\$5}", "5", 1.0),
+    ("It costs \\$5.", "5", 0.0),  # an escaped dollar outside a box: nothing is extracted
+    ("\\boxed{5\\%}", "5", 1.0),  # percent matches both 5 and 0.05
+    ("\\boxed{0.05}", "5\\%", 1.0),
+    ("\\boxed{90^\\circ}", "90", 1.0),
+    # expressions, sqrt, pi, powers
+    ("\\boxed{x^2+1}", "1+x^2", 1.0),
+    ("\\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
+    ("\\boxed{x^2-1}", "x^2+1", 0.0),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1.0),
+    ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{\\sqrt{2}}{2}", 1.0),
+    ("\\boxed{1.414}", "\\sqrt{2}", 0.0),
+    ("\\boxed{2\\pi}", "2\\pi", 1.0),
+    ("\\boxed{6.28}", "2\\pi", 0.0),
+    ("\\boxed{10^3}", "1000", 1.0),
+    ("\\boxed{1e3}", "1000", 0.0),  # e is Euler's number: 1*e*3
+    ("\\boxed{x=5}", "5", 1.0),  # the right-hand side of an equation counts
+    # sets, intervals, tuples, matrices
+    ("\\boxed{\\{1,2,3\\}}", "\\{3,2,1\\}", 1.0),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2,3\\}", 0.0),
+    ("\\boxed{[1,2)}", "[1,2)", 1.0),
+    ("\\boxed{(1,2)}", "[1,2)", 0.0),
+    ("\\boxed{(-\\infty, 3]}", "(-\\infty,3]", 1.0),
+    ("\\boxed{x \\le 3}", "(-\\infty,3]", 0.0),  # an inequality is not an interval
+    ("\\boxed{(1,2,3)}", "(1,2,3)", 1.0),
+    ("\\boxed{(3,2,1)}", "(1,2,3)", 0.0),  # tuples are ordered
+    ("\\boxed{3, 2, 1}", "1,2,3", 1.0),  # a bare list is a set
+    ("\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", 1.0),
+    # multiple choice
+    ("\\boxed{B}", "\\text{(B)}", 1.0),
+    ("\\boxed{C}", "\\text{(B)}", 0.0),
+    # no answer at all; two different boxes
+    ("I don't know.", "72", 0.0),
+    ("", "72", 0.0),
+    ("First \\boxed{72}, but wait, it is \\boxed{73}.", "72", 0.0),  # the boxes become the set {72, 73}
+    # GSM8K golds
+    ("So she sold 48 + 24 = 72 clips in total. The answer is \\boxed{72}.", GSM8K_NATALIA, 1.0),
+    ("She earns \\boxed{1000} dollars.", GSM8K_EARNINGS, 1.0),
+    ("She earns \\boxed{100} dollars.", GSM8K_EARNINGS, 0.0),
+    # MATH solution golds
+    ("so \\boxed{\\frac{3}{4}}", MATH_RATIO, 1.0),
+    ("so \\boxed{\\frac{4}{3}}", MATH_RATIO, 0.0),
+    ("\\boxed{5}", "#### Step 1\nAdd them: $2+3=\\boxed{5}$.", 1.0),  # a heading's #### does not beat the box
+]
+
+# (id, completion, gold, timeouts expected in that call or None when the outcome depends on machine speed)
+ADVERSARIAL = [
+    ("factorial", "\\boxed{(2^{100000}+1)!}", "1", 1),
+    ("power_tower", "\\boxed{2^{2^{2^{2^{2^{2}}}}}}", "1", 1),
+    ("huge_power", "\\boxed{9^{9^{9}}}", "1", 1),
+    ("million_chars", "1 " * 500_000, "2", 1),
+    ("nested_braces", "\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}", "1", 1),
+    ("malformed", "\\boxed{\\frac{1}{", "1", 0),
+    ("huge_unequal", "\\boxed{10^{10^{8}}}", "10^{10^{8}}+1", None),
+]
+
+
+@pytest.fixture(scope="module")
+def reward():
+    with MathReward(timeout_s=TIMEOUT_S, num_workers=2) as shared:
+        yield shared
+
+
+def test_table(reward):
+    assert len(TABLE) >= 30
+    scores = reward([c for c, _, _ in TABLE], [g for _, g, _ in TABLE])
+    assert scores.dtype == torch.float32 and scores.shape == (len(TABLE),)
+    wrong = [
+        (completion, gold, expected, got)
+        for (completion, gold, expected), got in zip(TABLE, scores.tolist(), strict=True)
+        if got != expected
+    ]
+    assert wrong == []
+    assert reward.stats()["last_call_timeouts"] == 0
+
+
+def test_gold_formats(reward):
+    golds = ["72", "#### 72", GSM8K_NATALIA, "The total is $\\boxed{72}$.", "$72$", " 72 \n"]
+    assert reward(["The answer is \\boxed{72}."] * len(golds), golds).tolist() == [1.0] * len(golds)
+    latex_golds = ["\\frac{3}{4}", "3/4", "0.75", MATH_RATIO, "$\\frac{3}{4}$"]
+    got = reward(["so \\boxed{\\frac{3}{4}}"] * len(latex_golds), latex_golds)
+    assert got.tolist() == [1.0] * len(latex_golds)
+
+
+def test_unparseable_gold_is_counted(reward):
+    before = reward.stats()["gold_unparsed"]
+    assert reward(["\\boxed{1}", "\\boxed{1}"], ["", "\\text{}"]).tolist() == [0.0, 0.0]
+    assert reward.stats()["gold_unparsed"] == before + 2
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "timeouts"), [a[1:] for a in ADVERSARIAL], ids=[a[0] for a in ADVERSARIAL]
+)
+def test_adversarial_returns_in_time(reward, completion, gold, timeouts):
+    before = reward.stats()
+    start = time.monotonic()
+    score = reward([completion], [gold])
+    elapsed = time.monotonic() - start
+    after = reward.stats()
+    assert score.tolist() == [0.0]
+    assert elapsed < TIMEOUT_S + MARGIN_S
+    if timeouts is not None:
+        assert after["last_call_timeouts"] == timeouts
+        assert after["timeouts"] == before["timeouts"] + timeouts
+    assert after["scored"] == before["scored"] + 1
+    # The pool survives whatever happened: the next call scores normally.
+    assert reward(["\\boxed{4}"], ["4"]).tolist() == [1.0]
+
+
+def test_adversarial_batch_keeps_good_items(reward):
+    completions = ["\\boxed{(2^{100000}+1)!}", "\\boxed{72}", "\\boxed{9^{9^{9}}}", "\\boxed{\\frac{1}{2}}"]
+    answers = ["1", "#### 72", "1", "0.5"]
+    start = time.monotonic()
+    assert reward(completions, answers).tolist() == [0.0, 1.0, 0.0, 1.0]
+    # Two workers: the slow items take at most two rounds (one if both workers are up, as usual).
+    assert time.monotonic() - start < 2 * TIMEOUT_S + MARGIN_S
+    assert reward.stats()["last_call_timeouts"] == 2
+
+
+def test_hard_timeout_kills_and_replaces_the_worker():
+    # Below 1 s the hard limit is shorter than math-verify's own whole-second alarm, so only the kill can end it.
+    with MathReward(timeout_s=0.5, num_workers=1) as quick:
+        assert quick.soft_timeout_s == 1
+        quick.start()  # returns at once; the worker starts in the background
+        assert quick(["\\boxed{72}"], ["72"]).tolist() == [1.0]
+        start = time.monotonic()
+        assert quick(["\\boxed{(2^{100000}+1)!}"], ["1"]).tolist() == [0.0]
+        assert time.monotonic() - start < 0.5 + MARGIN_S
+        assert quick.stats()["killed"] == 1 and quick.stats()["timeouts"] == 1
+        # The only worker was killed; the replacement scores the next call.
+        assert quick(["\\boxed{72}", "\\boxed{7}"], ["72", "72"]).tolist() == [1.0, 0.0]
+        assert quick.stats() == {
+            "scored": 4,
+            "timeouts": 1,
+            "killed": 1,
+            "errors": 0,
+            "gold_unparsed": 0,
+            "last_call_timeouts": 0,
+        }
+
+
+def test_length_mismatch_names_both_lengths(reward):
+    with pytest.raises(ValueError, match="3 completions and 2 answers"):
+        reward(["a", "b", "c"], ["1", "2"])
+
+
+def test_empty_input(reward):
+    before = reward.stats()["scored"]
+    out = reward([], [])
+    assert out.shape == (0,) and out.dtype == torch.float32
+    assert reward.stats()["scored"] == before
+
+
+def test_works_from_a_non_main_thread(reward):
+    # In-process math-verify raises ValueError off the main thread (signal.alarm); the workers make this work.
+    results: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def score() -> None:
+        try:
+            results.append(reward(["\\boxed{\\frac{1}{2}}", "\\boxed{3}"], ["0.5", "4"]))
+        except BaseException as error:  # reported to the main thread below
+            errors.append(error)
+
+    thread = threading.Thread(target=score)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert errors == []
+    assert results[0].tolist() == [1.0, 0.0]
+
+
+def test_reward_function_protocol():
+    def plain(completions: list[str], answers: list[str]) -> torch.Tensor:
+        return torch.zeros(len(completions))
+
+    assert isinstance(MathReward(), RewardFunction)  # no pool starts until the first call
+    assert isinstance(plain, RewardFunction)
+    assert not isinstance(42, RewardFunction)
+
+
+def test_copy_and_pickle_leave_the_pool_behind(reward):
+    reward(["\\boxed{1}"], ["1"])  # make sure the original has a running pool
+    restored = pickle.loads(pickle.dumps(reward))
+    assert repr(restored) == repr(reward)
+    assert restored.stats() == reward.stats()
+    with copy.deepcopy(reward) as clone:
+        assert clone(["\\boxed{2}", "\\boxed{3}"], ["2", "2"]).tolist() == [1.0, 0.0]
+    # The clone's pool was its own: closing it left the original working.
+    assert reward(["\\boxed{5}"], ["5"]).tolist() == [1.0]
+
+
+_CHILD_SCRIPT = textwrap.dedent(
+    """
+    import json, multiprocessing, os, sys
+
+    import mgrpo_pl.rewards
+    from mgrpo_pl.rewards import MathReward
+
+    def workers():
+        return sorted(p.pid for p in multiprocessing.active_children() if p.name == "pebble_pool_worker")
+
+    def descendants():
+        parents = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        cmdline = f.read().replace(b"\\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                if fields[0] != "Z":
+                    parents[int(entry)] = (int(fields[1]), cmdline)
+        found, frontier = {}, [os.getpid()]
+        while frontier:
+            parent = frontier.pop()
+            for pid, (ppid, cmdline) in parents.items():
+                if ppid == parent and pid not in found:
+                    found[pid] = cmdline
+                    frontier.append(pid)
+        return found
+
+    if __name__ == "__main__":
+        report = {"torch_imported": "torch" in sys.modules}
+        reward = MathReward(timeout_s=1.0, num_workers=1)
+        report["first"] = reward(["\\\\boxed{3}"], ["3"]).tolist()
+        report["workers_before_close"] = workers()
+        reward.close()
+        report["workers_after_close"] = workers()
+        # multiprocessing's own forkserver and resource tracker outlive close(); nothing else may.
+        report["other_descendants"] = sorted(
+            cmd for cmd in descendants().values() if "forkserver" not in cmd and "resource_tracker" not in cmd
+        )
+        unclosed = MathReward(timeout_s=1.0, num_workers=1)
+        report["second"] = unclosed(["\\\\boxed{4}"], ["5"]).tolist()
+        report["unclosed_workers"] = workers()
+        print(json.dumps(report))
+        # exit without close(): the finalizer must stop the worker
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_close_and_interpreter_exit_leave_no_process(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["torch_imported"] is False  # workers import this package: it must stay torch-free
+    assert report["first"] == [1.0] and report["second"] == [0.0]
+    assert len(report["workers_before_close"]) == 1
+    assert report["workers_after_close"] == []
+    assert report["other_descendants"] == []
+    assert len(report["unclosed_workers"]) == 1
+    pids = report["workers_before_close"] + report["unclosed_workers"]
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
+_BROKEN_SCRIPT = textwrap.dedent(
+    """
+    import json, multiprocessing, time
+
+    # A script that cannot be imported by a worker process (spawn and forkserver workers re-import __main__).
+    if multiprocessing.current_process().name == "pebble_pool_worker":
+        raise RuntimeError("this script cannot be imported by a worker")
+
+    from mgrpo_pl.rewards import MathReward
+
+    if __name__ == "__main__":
+        with MathReward(timeout_s=1.0, num_workers=1) as reward:
+            calls = []
+            for _ in range(2):
+                start = time.monotonic()
+                scores = reward(["\\boxed{1}", "\\boxed{2}"], ["1", "2"]).tolist()
+                calls.append({"scores": scores, "elapsed": time.monotonic() - start})
+            print(json.dumps({"calls": calls, "stats": reward.stats()}))
+    """
+)
+
+
+def test_workers_that_cannot_start_give_zero_and_a_warning(tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text(_BROKEN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [call["scores"] for call in report["calls"]] == [[0.0, 0.0], [0.0, 0.0]]
+    assert all(call["elapsed"] < 30 for call in report["calls"])  # the pool is rebuilt, and fails fast, each call
+    assert report["stats"]["errors"] == 4 and report["stats"]["scored"] == 4
+    assert "MathReward: 2 of 2 items could not be scored" in done.stderr
+
+
+def test_rejects_bad_settings():
+    with pytest.raises(ValueError, match="timeout_s"):
+        MathReward(timeout_s=0)
+    with pytest.raises(ValueError, match="num_workers"):
+        MathReward(num_workers=0)
+    with pytest.raises(ValueError, match="start_method"):
+        MathReward(start_method="threads")
