@@ -1,0 +1,46 @@
+"""``MetricsSummary``: print the self-correction metrics in a small table when a run ends."""
+
+from __future__ import annotations
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+_COLUMNS = (("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "Δ"), ("delta_i2c", "Δi→c"), ("delta_c2i", "Δc→i"))
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """Rows keyed by a name, columns Acc@t1, Acc@t2, Δ, Δi→c, Δc→i, in percent."""
+    header = f"{'':<28}" + "".join(f"{title:>9}" for _, title in _COLUMNS)
+    lines = [header]
+    for name, values in rows.items():
+        lines.append(f"{name:<28}" + "".join(f"{100 * values.get(key, float('nan')):>8.1f}%" for key, _ in _COLUMNS))
+    return "\n".join(lines)
+
+
+def _collect(trainer: Trainer, prefix: str) -> dict[str, dict[str, float]]:
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in trainer.callback_metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == prefix:
+            rows.setdefault(f"{prefix}/{parts[1]}", {})[parts[2]] = float(value)
+    return rows
+
+
+class MetricsSummary(Callback):
+    """Prints Acc@t1, Acc@t2, Δ, Δi→c and Δc→i at the end of fit (training rollouts and validation) and test."""
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rows: dict[str, dict[str, float]] = {}
+        transitions = getattr(pl_module, "train_transitions", None)
+        if transitions is not None and int(transitions.total) > 0:
+            rows["train rollouts (all steps)"] = {k: float(v) for k, v in transitions.compute().items()}
+        rows.update(_collect(trainer, "val"))
+        if rows:
+            print("\nSelf-correction metrics (turn 1 -> turn 2)\n" + format_table(rows), flush=True)
+
+    @rank_zero_only
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rows = _collect(trainer, "test")
+        if rows:
+            print("\nSelf-correction metrics (turn 1 -> turn 2)\n" + format_table(rows), flush=True)

@@ -1,0 +1,183 @@
+"""``MGRPODataModule``: problem batches in, on-policy rollouts out.
+
+The loaders yield plain lists of ``Problem``. Rollouts are made in ``on_before_batch_transfer``, which Lightning
+calls once per batch in the main process *after* the previous batch's optimizer step: generating there is
+on-policy, whereas generating inside the dataset iterator would be one step stale (the fit loop prefetches one
+batch). In validation and test the same hook runs the two-turn evaluation instead.
+
+The engine comes from a ``RolloutSource`` callback (``callbacks.RolloutCallback``) when the trainer has one, which
+keeps it in step with the policy; without one the DataModule generates with the policy itself through a shared
+transformers engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import RunningStage
+from torch.utils.data import DataLoader
+
+from mgrpo_pl.data.problems import Problem, load_problems
+from mgrpo_pl.rewards import MathReward
+from mgrpo_pl.rewards.base import RewardFunction
+from mgrpo_pl.rollout.config import RolloutConfig
+from mgrpo_pl.rollout.engine import GenerationEngine, TransformersEngine
+from mgrpo_pl.rollout.pipeline import MGRPORollout
+from mgrpo_pl.rollout.source import RolloutSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProblemSet:
+    """One problem source, as named in YAML.
+
+    Attributes:
+        source: Loader name: jsonl, gsm8k, math, minerva, olympiadbench, arithmetic or hf.
+        name: Name used in logged metric keys and result files (defaults to ``source``).
+        options: Keyword arguments of the loader (``path``, field names, ``limit``, ``n`` ...).
+    """
+
+    source: str = "arithmetic"
+    name: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.source
+
+    def load(self) -> list[Problem]:
+        problems = load_problems(self.source, **self.options)
+        if not problems:
+            raise ValueError(f"problem set {self.label!r} ({self.source}, {self.options}) yielded no problems")
+        return problems
+
+
+def _as_list(sets: ProblemSet | list[ProblemSet] | None) -> list[ProblemSet]:
+    if sets is None:
+        return []
+    return list(sets) if isinstance(sets, list) else [sets]
+
+
+def _collate(problems: list[Problem]) -> list[Problem]:
+    return problems
+
+
+class MGRPODataModule(LightningDataModule):
+    """Problems for training and evaluation, turned into rollouts on the fly.
+
+    Args:
+        train: The training problems.
+        val: Problem sets evaluated during fit (two turns), one dataloader each.
+        test: Problem sets for ``mgrpo test``, one dataloader each.
+        batch_size: Problems per training step (B).
+        eval_batch_size: Problems per evaluation batch.
+        rollout: G, H, sampling, guide phrases and scoring of the rollouts.
+        reward: Reward function (``reward(completions, answers) -> Tensor``); the math-verify reward by default.
+        reward_timeout_s: Per-answer timeout of the default reward.
+        reward_workers: Worker processes of the default reward.
+        shuffle: Shuffle the training problems each epoch (seeded by the trainer's seed).
+        num_workers: DataLoader workers (loading problems is cheap; generation always runs in the main process).
+    """
+
+    def __init__(
+        self,
+        train: ProblemSet | None = None,
+        val: ProblemSet | list[ProblemSet] | None = None,
+        test: ProblemSet | list[ProblemSet] | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int = 16,
+        rollout: RolloutConfig = RolloutConfig(),  # noqa: B008 - a dataclass so the CLI can link its fields
+        reward: RewardFunction | None = None,
+        reward_timeout_s: float = 5.0,
+        reward_workers: int = 2,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"--data.batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size < 1:
+            raise ValueError(f"--data.eval_batch_size must be >= 1, got {eval_batch_size}")
+        self.train_set = train or ProblemSet()
+        self.val_sets = _as_list(val)
+        self.test_sets = _as_list(test)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.rollout_config = rollout
+        self._reward = reward
+        self.reward_timeout_s = reward_timeout_s
+        self.reward_workers = reward_workers
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.val_names = [s.label for s in self.val_sets]
+        self.test_names = [s.label for s in self.test_sets]
+        self._problems: dict[str, list[list[Problem]]] = {}
+        self._pipeline: MGRPORollout | None = None
+        self._fallback_engine: GenerationEngine | None = None
+
+    # -- problems ------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and "train" not in self._problems:
+            self._problems["train"] = [self.train_set.load()]
+        if stage in ("fit", "validate") and "val" not in self._problems:
+            self._problems["val"] = [s.load() for s in self.val_sets]
+        if stage == "test" and "test" not in self._problems:
+            self._problems["test"] = [s.load() for s in self.test_sets]
+            if not self.test_sets:
+                raise ValueError("`mgrpo test` needs at least one problem set in --data.test")
+
+    def _loader(self, problems: list[Problem], batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            problems, batch_size=batch_size, shuffle=shuffle, collate_fn=_collate, num_workers=self.num_workers
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._problems["train"][0], self.batch_size, self.shuffle)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(p, self.eval_batch_size, False) for p in self._problems.get("val", [])]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(p, self.eval_batch_size, False) for p in self._problems["test"]]
+
+    # -- rollouts ------------------------------------------------------------------------------------------------
+    @property
+    def reward(self) -> RewardFunction:
+        if self._reward is None:
+            self._reward = MathReward(timeout_s=self.reward_timeout_s, num_workers=self.reward_workers)
+        return self._reward
+
+    def pipeline(self) -> MGRPORollout:
+        if self._pipeline is None:
+            tokenizer = self.trainer.lightning_module.tokenizer
+            self._pipeline = MGRPORollout(self.rollout_config, tokenizer, self.reward)
+        return self._pipeline
+
+    def engine(self) -> GenerationEngine:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RolloutSource):
+                return callback.engine()
+        if self._fallback_engine is None:
+            module = self.trainer.lightning_module
+            log.info("no RolloutSource callback: generating with the policy through a shared transformers engine")
+            self._fallback_engine = TransformersEngine(module.policy, module.tokenizer, share_weights=True)
+        return self._fallback_engine
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is None or not isinstance(batch, list):
+            return batch
+        stage = self.trainer.state.stage
+        if stage == RunningStage.TRAINING:
+            return self.pipeline().rollout(self.engine(), batch)
+        if stage in (RunningStage.VALIDATING, RunningStage.TESTING, RunningStage.SANITY_CHECKING):
+            return self.pipeline().evaluate(self.engine(), batch)
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        # Only the reward this module made is ours to close; a user's reward may be shared.
+        if isinstance(self._reward, MathReward):
+            self._reward.close()

@@ -1,0 +1,366 @@
+"""``MGRPOModule``: the policy, its frozen reference, and both layers' GRPO losses.
+
+The training step receives a ``RolloutBatch`` (made by the DataModule from the live policy, after the previous
+optimizer step) and minimises ``L_layer1 + layer2_weight * L_layer2`` (paper Eq. 3 and Eq. 6), each layer's loss
+being the PPO-clipped surrogate with the k3 KL to the reference, aggregated by name (default: the paper's mean
+over a completion's tokens, then mean over completions).
+
+Departures from the paper, all documented options: ``old_logp`` is the trainer's own detached log-prob, since every
+rollout batch gets exactly one optimizer step (so the ratio is 1 and clipping matters only with more steps per
+batch); the engine's behaviour log-probs are only compared with it, as a logged mismatch.
+
+Optimisation is manual so that a step can run several micro-batches (packed by token budget) through backward
+before the single optimizer step, without Lightning's gradient accumulation (which would also re-run the
+DataModule's rollout hook per micro-batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from mgrpo_pl.algo.logprobs import token_logprobs
+from mgrpo_pl.algo.losses import LossAggregation, aggregate, loss_stats, policy_loss
+from mgrpo_pl.algo.packing import pack_by_token_budget
+from mgrpo_pl.batching import MicroBatch, collate_micro_batch, completion_mask_counts
+from mgrpo_pl.metrics import SelfCorrectionMetrics
+from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from mgrpo_pl.rollout.types import EvalBatch, RolloutBatch
+from mgrpo_pl.schedules import ScheduleName, warmup_schedule
+
+
+def _default_optimizer(params: object) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)  # type: ignore[arg-type]
+
+
+def _zero_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0: ``nn.Dropout`` modules and the attention-dropout floats HF keeps."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+class MGRPOModule(LightningModule):
+    """Owns the policy and the frozen reference model and computes both MGRPO layers' losses.
+
+    Args:
+        model: A local folder, a hub id, or a built-in name (``tiny``, ``tiny-untied``, ``smollm2-135m-instruct``).
+        dtype: Weights dtype: float32, bfloat16, float16 or auto.
+        trust_remote_code: Allow model code from the checkpoint's repository (off unless you trust it).
+        beta: Weight of the k3 KL to the reference (paper: 0.001). 0 skips loading the reference at all.
+        clip_eps: PPO clip epsilon (lower side, and upper side unless ``clip_eps_high`` is set).
+        clip_eps_high: Upper clip epsilon ("clip-higher", DAPO); None uses ``clip_eps``.
+        layer2_weight: Weight of the layer-2 loss in the total.
+        loss_aggregation: seq-mean-token-mean (paper), token-mean (DAPO) or seq-mean-token-sum-norm (Dr. GRPO).
+        norm_length: The constant normaliser of seq-mean-token-sum-norm (defaults to the longest completion).
+        temperature: Sampling temperature of the rollouts; log-probs are computed at it. Linked from
+            ``data.rollout.sampling.temperature`` by the CLI.
+        micro_batch_tokens: Padded tokens per forward pass; bounds memory, not the batch.
+        max_grad_norm: Gradient-norm clip; None disables it.
+        mask_truncated: Drop completions cut at the length limit from the loss (DAPO's overlong filtering).
+        gradient_checkpointing: Trade compute for memory in the policy's forward.
+        disable_dropout: Zero every dropout in the policy, so training log-probs match the engine's (as TRL does).
+        optimizer: Optimizer factory (YAML ``class_path``/``init_args``); AdamW lr 1e-6 by default.
+        lr_schedule: constant, linear or cosine decay after warm-up (paper: cosine).
+        warmup_ratio: Fraction of the run spent in linear warm-up (paper: 0.03).
+        min_lr_ratio: Final learning rate as a fraction of the initial one.
+        lr_scheduler: A custom scheduler factory; overrides ``lr_schedule`` when given.
+        results_dir: Where evaluation writes per-problem JSONL; defaults to the logger's folder.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        beta: float = 0.001,
+        clip_eps: float = 0.2,
+        clip_eps_high: float | None = None,
+        layer2_weight: float = 1.0,
+        loss_aggregation: str = "seq-mean-token-mean",
+        norm_length: int | None = None,
+        temperature: float = 1.0,
+        micro_batch_tokens: int = 8192,
+        max_grad_norm: float | None = 1.0,
+        mask_truncated: bool = False,
+        gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_schedule: ScheduleName = "cosine",
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        results_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        try:
+            self.aggregation = LossAggregation(loss_aggregation)
+        except ValueError:
+            names = ", ".join(m.value for m in LossAggregation)
+            raise ValueError(f"--model.loss_aggregation {loss_aggregation!r} is unknown; choose from {names}") from None
+        if beta < 0:
+            raise ValueError(f"--model.beta must be >= 0, got {beta}")
+        if clip_eps <= 0 or (clip_eps_high is not None and clip_eps_high <= 0):
+            raise ValueError("--model.clip_eps and --model.clip_eps_high must be > 0")
+        if temperature <= 0:
+            raise ValueError(f"--model.temperature must be > 0 (log-probs are taken at it), got {temperature}")
+        if micro_batch_tokens < 1:
+            raise ValueError(f"--model.micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.model_path = resolve_model_path(model)
+        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.policy: nn.Module | None = None
+        # The reference lives outside the module tree: not in the optimizer, not in checkpoints, never trained.
+        self._reference: list[nn.Module] = []
+        self.train_transitions = SelfCorrectionMetrics()
+        self.eval_metrics = nn.ModuleDict()
+        self._eval_records: dict[str, list[dict[str, object]]] = defaultdict(list)
+
+    # -- models -------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.policy = load_causal_lm(self.model_path, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
+        # from_pretrained returns eval mode; the policy trains in train mode (dropout, if kept, then applies).
+        self.policy.train()
+        if hp.disable_dropout:
+            _zero_dropout(self.policy)
+        if hp.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        if hp.beta > 0:
+            reference = load_causal_lm(self.model_path, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
+            self._reference = [reference.eval().requires_grad_(False)]
+
+    @property
+    def reference(self) -> nn.Module | None:
+        return self._reference[0] if self._reference else None
+
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+    def configure_optimizers(self) -> dict[str, object]:
+        assert self.policy is not None, "configure_model must run first"
+        optimizer = self.optimizer_factory(self.policy.parameters())
+        if self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
+        else:
+            hp = self.hparams
+            total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+            total = int(total) if math.isfinite(total) else 1
+            scheduler = warmup_schedule(optimizer, hp.lr_schedule, total, hp.warmup_ratio, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- log-probs -----------------------------------------------------------------------------------------------
+    def _completion_logprobs(self, model: nn.Module, mb: MicroBatch) -> Tensor:
+        """[R, K] log-probs of the micro-batch's completion tokens; logits only for the last K+1 positions."""
+        out = model(
+            input_ids=mb.input_ids,
+            attention_mask=mb.attention_mask,
+            position_ids=mb.position_ids,
+            logits_to_keep=mb.logits_to_keep,
+            use_cache=False,
+        )
+        return token_logprobs(out.logits[:, :-1], mb.targets, temperature=self.hparams.temperature)
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor:
+        if not isinstance(batch, RolloutBatch):
+            raise TypeError(f"training_step expects a RolloutBatch from MGRPODataModule, got {type(batch).__name__}")
+        tick = time.perf_counter()
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        sums, num_micro = self.backward_batch(batch)
+        grad_norm = self._step_optimizer(optimizer)
+        self._log_training(batch, sums, grad_norm, num_micro, time.perf_counter() - tick)
+        return torch.tensor(sums["loss/layer1"] + self.hparams.layer2_weight * sums["loss/layer2"])
+
+    def backward_batch(self, batch: RolloutBatch) -> tuple[dict[str, float], int]:
+        """Accumulate the gradient of ``L1 + layer2_weight * L2`` over token-budget micro-batches.
+
+        Every micro-batch divides by the whole batch's per-layer counts, so the accumulated gradient equals the
+        full-batch gradient whatever the budget. Returns summed statistics and the number of micro-batches.
+        """
+        hp = self.hparams
+        counts = completion_mask_counts(batch, hp.mask_truncated)
+        # Dr. GRPO's normaliser must be one constant for the whole batch, not each micro-batch's width.
+        norm_length = hp.norm_length or max(int(batch.completion_lengths.max()), 1)
+        micro = pack_by_token_budget([len(s) for s in batch.sequences], hp.micro_batch_tokens)
+        weights = {1: 1.0, 2: hp.layer2_weight}
+        sums: dict[str, float] = defaultdict(float)
+        pad_id = int(self.tokenizer.pad_token_id)
+        for i, rows in enumerate(micro):
+            mb = collate_micro_batch(batch, rows, pad_id, hp.mask_truncated)
+            logp = self._completion_logprobs(self.policy, mb)
+            ref_logp = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logp = self._completion_logprobs(self.reference, mb)
+            out = policy_loss(
+                logp,
+                logp.detach(),
+                mb.advantages,
+                ref_logp=ref_logp,
+                beta=hp.beta,
+                eps_low=hp.clip_eps,
+                eps_high=hp.clip_eps_high,
+            )
+            loss = logp.new_zeros(())
+            for layer, weight in weights.items():
+                num_seqs, num_tokens = counts[layer]
+                if num_seqs == 0:
+                    continue
+                layer_mask = mb.mask & (mb.layer == layer)[:, None]
+                part = aggregate(
+                    out.loss,
+                    layer_mask,
+                    self.aggregation,
+                    num_seqs=num_seqs,
+                    num_tokens=num_tokens,
+                    norm_length=norm_length,
+                )
+                sums[f"loss/layer{layer}"] += float(part.detach())
+                loss = loss + weight * part
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss {float(loss)} at global step {self.global_step} (micro-batch {i}); "
+                    "the weights were not updated"
+                )
+            self._backward(loss, last=i == len(micro) - 1)
+            tokens = float(mb.mask.sum())
+            for key, value in loss_stats(out, mb.mask).items():
+                sums[key] += float(value) * tokens
+            if mb.engine_logprobs is not None and tokens:
+                gap = (logp.detach() - mb.engine_logprobs).abs()[mb.mask]
+                sums["engine_logprob_gap"] += float(gap.sum())
+            sums["tokens"] += tokens
+        return sums, len(micro)
+
+    def _backward(self, loss: Tensor, last: bool) -> None:
+        if self._trainer is None:  # used outside a Trainer (tests, notebooks)
+            loss.backward()
+            return
+        # Under DDP only the last micro-batch's backward all-reduces, so ranks with different micro-batch counts
+        # still meet in exactly one collective.
+        with contextlib.nullcontext() if last else self._no_backward_sync():
+            self.manual_backward(loss)
+
+    def _no_backward_sync(self) -> contextlib.AbstractContextManager:
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None else contextlib.nullcontext()
+
+    def _step_optimizer(self, optimizer: torch.optim.Optimizer) -> float:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        if self.hparams.max_grad_norm is not None and params:
+            torch.nn.utils.clip_grads_with_norm_(params, self.hparams.max_grad_norm, grad_norm)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return float(grad_norm)
+
+    def _log_training(
+        self, batch: RolloutBatch, sums: dict[str, float], grad_norm: float, num_micro: int, train_s: float
+    ) -> None:
+        tokens = max(sums["tokens"], 1.0)
+        loss = sums["loss/layer1"] + self.hparams.layer2_weight * sums["loss/layer2"]
+        values = {
+            "train/loss": loss,
+            "train/loss_layer1": sums["loss/layer1"],
+            "train/loss_layer2": sums["loss/layer2"],
+            "train/kl": sums["kl_mean"] / tokens,
+            "train/clip_frac": sums["clip_frac"] / tokens,
+            "train/clip_frac_low": sums["clip_frac_low"] / tokens,
+            "train/clip_frac_high": sums["clip_frac_high"] / tokens,
+            "train/ratio": sums["ratio_mean"] / tokens,
+            "train/grad_norm": grad_norm,
+            "train/lr": self.optimizers().param_groups[0]["lr"],
+            "train/micro_batches": float(num_micro),
+            "train/trained_tokens": sums["tokens"],
+            "time/train_s": train_s,
+        }
+        if batch.engine_logprobs is not None:
+            values["train/engine_logprob_gap"] = sums["engine_logprob_gap"] / tokens
+        values.update({f"rollout/{k}" if "/" not in k else k: v for k, v in batch.stats.items()})
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch.num_problems)
+        self.log(
+            "reward", batch.stats.get("reward/layer1", 0.0), prog_bar=True, on_step=True, batch_size=batch.num_problems
+        )
+        if batch.correct_t2.numel():
+            step = self.train_transitions(batch.correct_t1, batch.correct_t2)
+            self.log_dict(
+                {f"transitions/{k}": v for k, v in step.items()},
+                on_step=True,
+                on_epoch=False,
+                batch_size=batch.num_problems,
+            )
+            self.log("acc_t1", step["acc_t1"], prog_bar=True, on_step=True, batch_size=batch.num_problems)
+            self.log("acc_t2", step["acc_t2"], prog_bar=True, on_step=True, batch_size=batch.num_problems)
+        else:
+            acc = batch.correct_t1.float().mean()
+            self.log("acc_t1", acc, prog_bar=True, on_step=True, batch_size=batch.num_problems)
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def _eval_name(self, stage: str, dataloader_idx: int) -> str:
+        names = getattr(self.trainer.datamodule, f"{stage}_names", None) if self._trainer is not None else None
+        return names[dataloader_idx] if names and dataloader_idx < len(names) else f"set{dataloader_idx}"
+
+    def _eval_step(self, stage: str, batch: EvalBatch, dataloader_idx: int) -> None:
+        if not isinstance(batch, EvalBatch):
+            raise TypeError(f"{stage}_step expects an EvalBatch from MGRPODataModule, got {type(batch).__name__}")
+        name = self._eval_name(stage, dataloader_idx)
+        key = f"{stage}_{name}"
+        if key not in self.eval_metrics:
+            self.eval_metrics[key] = SelfCorrectionMetrics().to(self.device)
+        metric = self.eval_metrics[key]
+        metric.update(batch.correct_t1, batch.correct_t2)
+        self._eval_records[key].extend(batch.records)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        for key in [k for k in self.eval_metrics if k.startswith(f"{stage}_")]:
+            metric = self.eval_metrics[key]
+            name = key[len(stage) + 1 :]
+            values = metric.compute()
+            self.log_dict({f"{stage}/{name}/{k}": v for k, v in values.items()}, sync_dist=False)
+            metric.reset()
+            self._write_records(key, name, stage)
+
+    def _write_records(self, key: str, name: str, stage: str) -> None:
+        records = self._eval_records.pop(key, [])
+        if not records or self.trainer.sanity_checking:
+            return
+        folder = Path(self.hparams.results_dir or (self.trainer.log_dir or "."))
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = f"_rank{self.global_rank}" if self.trainer.world_size > 1 else ""
+        path = folder / f"{stage}_{name}_step{self.global_step}{suffix}.jsonl"
+        with path.open("w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+
+    def validation_step(self, batch: EvalBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: EvalBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")

