@@ -6,8 +6,10 @@ These rules score real generations so that some probes verify and others fail.
 
 import torch
 
+from mgrpo_pl.rewards import Reward
 
-class ParityReward:
+
+class ParityReward(Reward):
     """1 for completions with an even character count, else 0. Records every call."""
 
     def __init__(self):
@@ -19,7 +21,7 @@ class ParityReward:
         return torch.tensor([float(len(c) % 2 == 0) for c in completions])
 
 
-class NeverReward:
+class NeverReward(Reward):
     """0 for everything: no probe ever verifies (G' = 0)."""
 
     def __call__(self, completions, answers):

@@ -94,3 +94,18 @@ def test_test_command_reports_both_turns(fit_run, tiny_model_path, capsys):
     )
     out = capsys.readouterr().out
     assert "Acc@t1" in out and "test/arith_test" in out
+
+
+def test_plot_script_draws_the_training_curves(fit_run, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "plot_training", Path(__file__).parent.parent / "scripts" / "plot_training.py"
+    )
+    plot_training = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_training)
+    out = tmp_path / "curves.png"
+    drawn = plot_training.plot([str(fit_run / "lightning_logs" / "version_0")], ["tiny"], out, window=2)
+    assert {"transitions/acc_t1", "transitions/acc_t2", "transitions/delta_i2c", "transitions/delta_c2i"} <= set(drawn)
+    assert "val/arith_val/acc_t1" in drawn
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

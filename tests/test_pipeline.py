@@ -123,3 +123,18 @@ def test_config_errors_name_the_flag():
         RolloutConfig(guide_phrases=[])
     with pytest.warns(UserWarning, match="temperature is 0"):
         RolloutConfig(sampling=SamplingConfig(temperature=0.0))
+
+
+def test_new_turn_evaluation_asks_in_a_user_message(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    prompt = "Please fix any mistakes."
+    rollout = MGRPORollout(_config(eval_turn2="new_turn", eval_guide=prompt), tok, ParityReward())
+    result = rollout.evaluate(engine, PROBLEMS[:1])
+    query = rollout._new_turn_query(PROBLEMS[0], result.records[0]["turn1"])
+    text = tok.decode(query)
+    # user, assistant (turn 1), user (the baseline's prompt), then the assistant's generation prompt.
+    assert text.count("<|im_start|>user") == 2 and text.count("<|im_start|>assistant") == 2
+    assert prompt in text and text.rstrip().endswith("<|im_start|>assistant")
+    assert result.records[0]["guide"] == prompt
+    with pytest.raises(ValueError, match="eval_guide"):
+        RolloutConfig(eval_turn2="new_turn")

@@ -364,3 +364,11 @@ def test_load_hf_local_json(tmp_path: Path) -> None:
     )  # fmt: skip
     assert [(p.id, p.question, p.answer) for p in problems] == [("x", "1+1?", "2"), ("y", "2+3?", "5")]
     assert problems[1].source == "hf:json[train]:2"
+
+
+def test_bundled_prefix_loads_the_demo_file():
+    problems = load_problems("jsonl", path="bundled:add_1digit", id_field="id")
+    assert len(problems) == 100
+    assert problems[23].id == "add-2-3" and problems[23].question == "What is 2 + 3?" and problems[23].answer == "5"
+    with pytest.raises(DatasetError, match="not found"):
+        load_problems("jsonl", path="bundled:no_such_set")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from mgrpo_pl.data.problems import Problem, load_problems
 from mgrpo_pl.rewards import MathReward
-from mgrpo_pl.rewards.base import RewardFunction
+from mgrpo_pl.rewards.base import Reward, RewardFunction
 from mgrpo_pl.rollout.config import RolloutConfig
 from mgrpo_pl.rollout.engine import GenerationEngine, TransformersEngine
 from mgrpo_pl.rollout.pipeline import MGRPORollout
@@ -77,6 +77,7 @@ class MGRPODataModule(LightningDataModule):
         eval_batch_size: Problems per evaluation batch.
         rollout: G, H, sampling, guide phrases and scoring of the rollouts.
         reward: Reward function (``reward(completions, answers) -> Tensor``); the math-verify reward by default.
+            In YAML name a ``Reward`` subclass by ``class_path``; from Python any ``RewardFunction`` works.
         reward_timeout_s: Per-answer timeout of the default reward.
         reward_workers: Worker processes of the default reward.
         shuffle: Shuffle the training problems each epoch (seeded by the trainer's seed).
@@ -91,7 +92,7 @@ class MGRPODataModule(LightningDataModule):
         batch_size: int = 4,
         eval_batch_size: int = 16,
         rollout: RolloutConfig = RolloutConfig(),  # noqa: B008 - a dataclass so the CLI can link its fields
-        reward: RewardFunction | None = None,
+        reward: Reward | None = None,
         reward_timeout_s: float = 5.0,
         reward_workers: int = 2,
         shuffle: bool = True,

@@ -263,12 +263,20 @@ def mathjudger_file(name: str) -> Path:
 
 
 MATHJUDGER_PREFIX = "mathjudger:"
+BUNDLED_PREFIX = "bundled:"
+BUNDLED_DIR = Path(__file__).parent / "files"
 
 
 def resolve_path(path: str | Path) -> Path:
-    """``Path(path)``, except that ``"mathjudger:<name>"`` means ``mathjudger_file(<name>)``."""
+    """``Path(path)``, except for two prefixes that keep configs free of machine-specific paths.
+
+    ``"mathjudger:<name>"`` means ``mathjudger_file(<name>)``; ``"bundled:<name>"`` means the JSONL file
+    ``<name>.jsonl`` shipped inside this package (``mgrpo_pl/data/files/``), e.g. the demo's problems.
+    """
     if isinstance(path, str) and path.startswith(MATHJUDGER_PREFIX):
         return mathjudger_file(path[len(MATHJUDGER_PREFIX) :])
+    if isinstance(path, str) and path.startswith(BUNDLED_PREFIX):
+        return BUNDLED_DIR / f"{path[len(BUNDLED_PREFIX) :].removesuffix('.jsonl')}.jsonl"
     return Path(path)
 
 

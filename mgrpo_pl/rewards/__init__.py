@@ -5,7 +5,7 @@ which import it to run their task function, start in well under a second.
 """
 
 from mgrpo_pl.rewards.answers import gsm8k_final_answer, last_boxed_content, normalize_gold
-from mgrpo_pl.rewards.base import RewardFunction
+from mgrpo_pl.rewards.base import Reward, RewardFunction
 from mgrpo_pl.rewards.math import MathReward
 
-__all__ = ["MathReward", "RewardFunction", "gsm8k_final_answer", "last_boxed_content", "normalize_gold"]
+__all__ = ["MathReward", "Reward", "RewardFunction", "gsm8k_final_answer", "last_boxed_content", "normalize_gold"]

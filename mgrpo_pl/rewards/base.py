@@ -20,12 +20,16 @@ A plain function qualifies, so a custom reward needs no base class::
             raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
         return torch.tensor([float(c.strip() == a.strip()) for c, a in zip(completions, answers)])
 
+To name a reward in a YAML config (``data.reward: {class_path: my_pkg.MyReward, init_args: {...}}``) subclass
+``Reward``: the CLI instantiates subclasses of it. From Python, any ``RewardFunction`` can be passed.
+
 ``isinstance(obj, RewardFunction)`` only checks that ``obj`` is callable (``typing.Protocol`` cannot check
 signatures at run time); the static type checker checks the full call shape.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -51,3 +55,11 @@ class RewardFunction(Protocol):
             ValueError: If the two lists differ in length.
         """
         ...
+
+
+class Reward(ABC):
+    """Base class for rewards configured by ``class_path`` in YAML; a ``RewardFunction`` with a class to name."""
+
+    @abstractmethod
+    def __call__(self, completions: list[str], answers: list[str]) -> torch.Tensor:
+        """Return one reward per completion (see ``RewardFunction.__call__``)."""

@@ -55,6 +55,7 @@ from math_verify.errors import TimeoutException
 from pebble import ProcessPool
 
 from mgrpo_pl.rewards.answers import normalize_gold
+from mgrpo_pl.rewards.base import Reward
 
 if TYPE_CHECKING:
     import torch
@@ -156,7 +157,7 @@ def _stop_pool(pool: ProcessPool) -> None:
     pool.join()
 
 
-class MathReward:
+class MathReward(Reward):
     """math-verify reward, 1.0 for a correct final answer, scored in worker processes with a hard per-item timeout.
 
     Args:

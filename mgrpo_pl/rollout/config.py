@@ -38,6 +38,8 @@ class RolloutConfig:
         eval_sampling: Sampling for the two-turn evaluation (paper: temperature 0.7).
         eval_samples: Samples per problem at evaluation (mean and spread are reported).
         eval_guide: Fixed turn-2 phrase at evaluation; None draws from the guide pool.
+        eval_turn2: ``continue`` (MGRPO's protocol: the guide continues the assistant turn) or ``new_turn`` (the
+            guide is a new user message after the turn-1 answer, as in intrinsic self-correction baselines).
         seed: Seed of the guide-phrase draws.
     """
 
@@ -59,6 +61,7 @@ class RolloutConfig:
     eval_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
     eval_samples: int = 1
     eval_guide: str | None = None
+    eval_turn2: Literal["continue", "new_turn"] = "continue"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -73,6 +76,8 @@ class RolloutConfig:
             raise ValueError("--data.rollout.reuse_probe needs --data.rollout.num_corrections >= 2")
         if self.layer2 and not self.guide_phrases:
             raise ValueError("--data.rollout.guide_phrases is empty but layer 2 is on: give at least one phrase")
+        if self.eval_turn2 == "new_turn" and self.eval_guide is None:
+            raise ValueError("--data.rollout.eval_turn2=new_turn needs --data.rollout.eval_guide (the user's prompt)")
         if self.eval_samples < 1:
             raise ValueError(f"--data.rollout.eval_samples must be >= 1, got {self.eval_samples}")
         if self.advantage_scaling not in ("group", "batch", "none"):

@@ -243,17 +243,37 @@ class MGRPORollout:
         timings["reward"] += dt
         return tokens, texts, finished, rewards, logprobs
 
+    def _new_turn_query(self, problem: Problem, answer: str) -> list[int]:
+        """The conversation user(q), assistant(o), user(eval_guide), ready for the assistant's second turn."""
+        c = self.config
+        if not self.tokenizer.chat_template:
+            raise ValueError("--data.rollout.eval_turn2=new_turn needs a tokenizer with a chat template")
+        messages = [{"role": "system", "content": c.system_prompt}] if c.system_prompt else []
+        question = f"{problem.question}\n{c.instruction}" if c.instruction else problem.question
+        messages += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": c.eval_guide},
+        ]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     # -- evaluation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, engine: GenerationEngine, problems: Sequence[Problem]) -> EvalBatch:
-        """Turn 1 answers each problem; turn 2 continues ``q ⊕ o ⊕ guide``; both turns are scored."""
+        """Turn 1 answers each problem; turn 2 continues ``q ⊕ o ⊕ guide`` (or asks in a new user turn); both turns
+        are scored."""
         c = self.config
         k = c.eval_samples
         prompts = self.encode(problems)
         answers = [p.answer for p in problems for _ in range(k)]
         first = engine.generate(prompts, c.eval_sampling, n=k)
         r1, _ = self._score(first.texts, answers)
-        queries, guides = self._queries(engine, prompts, first, k, self.eval_guide_index)
+        if c.eval_turn2 == "new_turn":
+            queries = [self._new_turn_query(problems[i // k], first.texts[i]) for i in range(len(first))]
+            guides = [self.eval_guide_index] * len(first)
+        else:
+            queries, guides = self._queries(engine, prompts, first, k, self.eval_guide_index)
         second = engine.generate(queries, c.eval_sampling, n=1)
         r2, _ = self._score(self._turn2_texts(first.texts, guides, second), answers)
         ok1, ok2 = r1 >= c.correct_threshold, r2 >= c.correct_threshold
