@@ -21,6 +21,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DataLoader
 
 from mgrpo_pl.data.problems import Problem, load_problems
+from mgrpo_pl.data.resumable import ResumableLoader, RngState
 from mgrpo_pl.rewards import MathReward
 from mgrpo_pl.rewards.base import Reward, RewardFunction
 from mgrpo_pl.rollout.config import RolloutConfig
@@ -80,8 +81,12 @@ class MGRPODataModule(LightningDataModule):
             In YAML name a ``Reward`` subclass by ``class_path``; from Python any ``RewardFunction`` works.
         reward_timeout_s: Per-answer timeout of the default reward.
         reward_workers: Worker processes of the default reward.
-        shuffle: Shuffle the training problems each epoch (seeded by the trainer's seed).
+        shuffle: Shuffle the training problems each epoch, in an order fixed by ``seed`` and the epoch.
         num_workers: DataLoader workers (loading problems is cheap; generation always runs in the main process).
+        seed: Seed of the training order.
+
+    Resuming (``--ckpt_path``) continues with the same problems and the same random streams: the train loader's
+    position and the RNG states are checkpointed, and the RNG states are restored right before the first rollout.
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class MGRPODataModule(LightningDataModule):
         reward_workers: int = 2,
         shuffle: bool = True,
         num_workers: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -114,6 +120,9 @@ class MGRPODataModule(LightningDataModule):
         self.reward_workers = reward_workers
         self.shuffle = shuffle
         self.num_workers = num_workers
+        self.seed = seed
+        self._train_loader: ResumableLoader | None = None
+        self._pending_state: dict[str, Any] | None = None
         self.val_names = [s.label for s in self.val_sets]
         self.test_names = [s.label for s in self.test_sets]
         self._problems: dict[str, list[list[Problem]]] = {}
@@ -137,7 +146,15 @@ class MGRPODataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._problems["train"][0], self.batch_size, self.shuffle)
+        self._train_loader = ResumableLoader(
+            self._problems["train"][0],
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            collate_fn=_collate,
+            num_workers=self.num_workers,
+        )
+        return self._train_loader
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(p, self.eval_batch_size, False) for p in self._problems.get("val", [])]
@@ -173,10 +190,35 @@ class MGRPODataModule(LightningDataModule):
             return batch
         stage = self.trainer.state.stage
         if stage == RunningStage.TRAINING:
-            return self.pipeline().rollout(self.engine(), batch)
+            pipeline = self.pipeline()
+            self._restore_pending(pipeline)
+            if self._train_loader is not None:
+                self._train_loader.mark_used()
+            return pipeline.rollout(self.engine(), batch)
         if stage in (RunningStage.VALIDATING, RunningStage.TESTING, RunningStage.SANITY_CHECKING):
             return self.pipeline().evaluate(self.engine(), batch)
         return batch
+
+    # -- checkpointing ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"rng": RngState.capture()}
+        if self._pipeline is not None:
+            state["guide_rng"] = self._pipeline.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied before the first rollout, not now: loading the loader and running validation in between would
+        # otherwise consume random numbers the uninterrupted run did not.
+        self._pending_state = state_dict
+
+    def _restore_pending(self, pipeline: MGRPORollout) -> None:
+        if self._pending_state is None:
+            return
+        state, self._pending_state = self._pending_state, None
+        if "rng" in state:
+            RngState.restore(state["rng"])
+        if "guide_rng" in state:
+            pipeline.generator.set_state(state["guide_rng"])
 
     def teardown(self, stage: str) -> None:
         # Only the reward this module made is ours to close; a user's reward may be shared.

@@ -15,6 +15,7 @@ Acc@t1, Acc@t2, i->c and c->i during training.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -263,6 +264,13 @@ class MGRPORollout:
     def evaluate(self, engine: GenerationEngine, problems: Sequence[Problem]) -> EvalBatch:
         """Turn 1 answers each problem; turn 2 continues ``q ⊕ o ⊕ guide`` (or asks in a new user turn); both turns
         are scored."""
+        # Evaluation samples from its own seeded stream: results do not depend on when in training it runs, and it
+        # leaves the training RNG untouched (exact resume).
+        with torch.random.fork_rng():
+            torch.manual_seed(self.config.seed + zlib.crc32(problems[0].id.encode()) if problems else self.config.seed)
+            return self._evaluate(engine, problems)
+
+    def _evaluate(self, engine: GenerationEngine, problems: Sequence[Problem]) -> EvalBatch:
         c = self.config
         k = c.eval_samples
         prompts = self.encode(problems)
