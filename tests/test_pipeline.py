@@ -138,3 +138,19 @@ def test_new_turn_evaluation_asks_in_a_user_message(engine_and_tokenizer):
     assert result.records[0]["guide"] == prompt
     with pytest.raises(ValueError, match="eval_guide"):
         RolloutConfig(eval_turn2="new_turn")
+
+
+def test_prompt_longer_than_the_context_names_problem_and_flag(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    long = Problem(id="long-1", question="What is " + " + ".join(["1"] * 900) + "?", answer="900", source="x.jsonl:7")
+    with pytest.raises(ValueError, match=r"problem 'long-1' \(x.jsonl:7\).*--data.rollout.sampling.max_new_tokens"):
+        MGRPORollout(_config(), tok, ParityReward()).rollout(engine, [long])
+
+
+def test_layer2_query_longer_than_the_context_is_refused(engine_and_tokenizer, monkeypatch):
+    engine, tok = engine_and_tokenizer
+    prompt_len = len(MGRPORollout(_config(), tok, ParityReward()).encode(PROBLEMS[:1])[0])
+    # Room for the problem and its completion, not for the layer-2 query (problem + completion + guide + correction).
+    monkeypatch.setattr(engine, "max_context", prompt_len + 10)
+    with pytest.raises(ValueError, match="layer-2 query of problem 'p0'"):
+        MGRPORollout(_config(), tok, ParityReward()).rollout(engine, PROBLEMS[:1])

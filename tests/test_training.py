@@ -106,3 +106,64 @@ def test_no_verified_probe_trains_layer1_only(tiny_model_path):
     assert recorder.kept == [0, 0]
     for layer1, layer2, kl in recorder.losses:
         assert math.isfinite(layer1) and layer2 == 0.0 and kl == 0.0
+
+
+class PoisonWeights(Callback):
+    """Makes the policy produce NaN logits after the rollout of the first step was generated."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with torch.no_grad():
+            pl_module.policy.get_output_embeddings().weight[0, 0] = float("nan")
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tiny_model_path):
+    module = MGRPOModule(model=str(tiny_model_path), beta=0.0, lr_schedule="constant")
+    data = MGRPODataModule(
+        train=ProblemSet("arithmetic", options={"n": 4, "max_value": 9}),
+        batch_size=2,
+        rollout=RolloutConfig(num_generations=2, sampling=SamplingConfig(max_new_tokens=4)),
+        reward=ParityReward(),
+    )
+    trainer = Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[PoisonWeights()],
+    )
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="global step 0"):
+        trainer.fit(module, data)
+    after = module.policy.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k]) and not after[k].isnan().any()]
+    assert changed == [], changed  # only the poisoned entry differs: no optimizer step was taken
+    assert trainer.global_step == 0
+
+
+def test_non_finite_reward_is_refused(tiny_model_path):
+    class NanReward(ParityReward):
+        def __call__(self, completions, answers):
+            out = super().__call__(completions, answers)
+            out[1] = float("nan")
+            return out
+
+    module = MGRPOModule(model=str(tiny_model_path), beta=0.0)
+    data = MGRPODataModule(
+        train=ProblemSet("arithmetic", options={"n": 2}),
+        batch_size=2,
+        rollout=RolloutConfig(num_generations=2, sampling=SamplingConfig(max_new_tokens=4)),
+        reward=NanReward(),
+    )
+    trainer = Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(ValueError, match=r"non-finite values for completions \[1\]"):
+        trainer.fit(module, data)

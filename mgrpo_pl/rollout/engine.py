@@ -48,9 +48,11 @@ class GenerationEngine(ABC):
 
     Attributes:
         end_ids: Token ids that end a turn; completions include the one that ended them.
+        max_context: Longest prompt + completion the model takes, in tokens, or None when unknown.
     """
 
     end_ids: list[int]
+    max_context: int | None = None
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, n: int = 1) -> Generation:
@@ -127,6 +129,7 @@ class TransformersEngine(GenerationEngine):
         self.record_logprobs = record_logprobs
         self.end_ids = end_token_ids(model, tokenizer)
         self.pad_id = int(tokenizer.pad_token_id)
+        self.max_context = getattr(model.config, "max_position_embeddings", None)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         if self.shared:

@@ -80,11 +80,31 @@ class MGRPORollout:
         c = self.config
         return [encode_prompt(self.tokenizer, p.question, c.instruction, c.system_prompt) for p in problems]
 
+    @staticmethod
+    def _check_context(
+        engine: GenerationEngine, queries: Sequence[Sequence[int]], max_new_tokens: int, names: Sequence[str], flag: str
+    ) -> None:
+        """Fail before generating when a query plus its completion budget cannot fit the model's context."""
+        limit = engine.max_context
+        if limit is None:
+            return
+        for query, name in zip(queries, names):
+            if len(query) + max_new_tokens > limit:
+                raise ValueError(
+                    f"{name}: {len(query)} prompt tokens + {flag}={max_new_tokens} exceed the model's context of "
+                    f"{limit} tokens; shorten the problem, lower {flag}, or filter long problems out of the data"
+                )
+
     def _score(self, texts: list[str], answers: list[str]) -> tuple[Tensor, float]:
         start = time.perf_counter()
         rewards = self.reward(texts, answers).float().cpu() if texts else torch.zeros(0)
         if rewards.shape != (len(texts),):
             raise ValueError(f"the reward returned shape {tuple(rewards.shape)} for {len(texts)} completions")
+        if not torch.isfinite(rewards).all():
+            bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+            raise ValueError(
+                f"the reward returned non-finite values for completions {bad[:10]}: {texts[bad[0]]!r:.200}"
+            )
         return rewards, time.perf_counter() - start
 
     def _queries(
@@ -116,6 +136,10 @@ class MGRPORollout:
         prompts = self.encode(problems)
         answers = [p.answer for p in problems for _ in range(G)]
 
+        labels = [f"problem {p.id!r} ({p.source or 'no source'})" for p in problems]
+        self._check_context(
+            engine, prompts, c.sampling.max_new_tokens, labels, "--data.rollout.sampling.max_new_tokens"
+        )
         tick = time.perf_counter()
         first = engine.generate(prompts, c.sampling, n=G)
         timings["generate"] += time.perf_counter() - tick
@@ -143,6 +167,13 @@ class MGRPORollout:
 
         if c.layer2:
             queries, guides = self._queries(engine, prompts, first, G, None)
+            self._check_context(
+                engine,
+                queries,
+                c.layer2_sampling.max_new_tokens,
+                [f"layer-2 query of {labels[i // G]}" for i in range(len(queries))],
+                "the layer-2 max_new_tokens (--data.rollout.correction_sampling or sampling)",
+            )
             tick = time.perf_counter()
             probe = engine.generate(queries, c.layer2_sampling, n=1)
             timings["generate"] += time.perf_counter() - tick
