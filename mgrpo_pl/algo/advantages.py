@@ -17,15 +17,15 @@ sample std is undefined.
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 from torch import Tensor
+
+from mgrpo_pl.algo.choices import NamedChoice
 
 __all__ = ["AdvantageScaling", "group_advantages"]
 
 
-class AdvantageScaling(str, Enum):
+class AdvantageScaling(NamedChoice):
     """How group-centred rewards are scaled into advantages (chosen by name in the config)."""
 
     GROUP = "group"
@@ -34,15 +34,6 @@ class AdvantageScaling(str, Enum):
     """``(r - mean_group) / (std over all rewards of the batch + eps)``."""
     NONE = "none"
     """Dr. GRPO: ``r - mean_group``."""
-
-    @classmethod
-    def parse(cls, value: AdvantageScaling | str) -> AdvantageScaling:
-        """Turn a config name into a member, with an error that lists the valid names."""
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"Unknown advantage scaling {value!r}; valid choices are {choices}.") from None
 
 
 def group_advantages(rewards: Tensor, scaling: AdvantageScaling | str = "group", eps: float = 1e-6) -> Tensor:

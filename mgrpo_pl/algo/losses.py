@@ -27,10 +27,11 @@ Departures from the paper, all opt-in by name:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import Tensor
+
+from mgrpo_pl.algo.choices import NamedChoice
 
 __all__ = [
     "LossAggregation",
@@ -48,7 +49,7 @@ __all__ = [
 _MAX_LOG_RATIO = 20.0
 
 
-class LossAggregation(str, Enum):
+class LossAggregation(NamedChoice):
     """How the ``[B, T]`` per-token loss is reduced to a scalar (chosen by name in the config)."""
 
     SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
@@ -57,15 +58,6 @@ class LossAggregation(str, Enum):
     """DAPO: sum over all valid tokens / number of valid tokens."""
     SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
     """Dr. GRPO: sum over all valid tokens / (num_seqs * norm_length), with a constant norm_length."""
-
-    @classmethod
-    def parse(cls, value: LossAggregation | str) -> LossAggregation:
-        """Turn a config name into a member, with an error that lists the valid names."""
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"Unknown loss aggregation {value!r}; valid names are {choices}.") from None
 
 
 def _masked(values: Tensor, mask: Tensor) -> Tensor:
