@@ -116,23 +116,29 @@ class PoisonWeights(Callback):
             pl_module.policy.get_output_embeddings().weight[0, 0] = float("nan")
 
 
-def test_non_finite_loss_stops_before_the_optimizer_step(tiny_model_path):
+def _small_run(tiny_model_path, reward, steps, callbacks=()):
+    """A beta=0 module, 2 problems per step, G=2, 4-token completions, and a bare Trainer."""
     module = MGRPOModule(model=str(tiny_model_path), beta=0.0, lr_schedule="constant")
     data = MGRPODataModule(
         train=ProblemSet("arithmetic", options={"n": 4, "max_value": 9}),
         batch_size=2,
         rollout=RolloutConfig(num_generations=2, sampling=SamplingConfig(max_new_tokens=4)),
-        reward=ParityReward(),
+        reward=reward,
     )
     trainer = Trainer(
-        max_steps=2,
+        max_steps=steps,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[PoisonWeights()],
+        callbacks=list(callbacks),
     )
+    return module, data, trainer
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tiny_model_path):
+    module, data, trainer = _small_run(tiny_model_path, ParityReward(), steps=2, callbacks=[PoisonWeights()])
     module.configure_model()
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     with pytest.raises(FloatingPointError, match="global step 0"):
@@ -150,20 +156,6 @@ def test_non_finite_reward_is_refused(tiny_model_path):
             out[1] = float("nan")
             return out
 
-    module = MGRPOModule(model=str(tiny_model_path), beta=0.0)
-    data = MGRPODataModule(
-        train=ProblemSet("arithmetic", options={"n": 2}),
-        batch_size=2,
-        rollout=RolloutConfig(num_generations=2, sampling=SamplingConfig(max_new_tokens=4)),
-        reward=NanReward(),
-    )
-    trainer = Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    module, data, trainer = _small_run(tiny_model_path, NanReward(), steps=1)
     with pytest.raises(ValueError, match=r"non-finite values for completions \[1\]"):
         trainer.fit(module, data)
