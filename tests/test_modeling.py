@@ -305,7 +305,7 @@ def test_smollm2_conversion(smollm2_path):
     start = time.perf_counter()
     tokenizer = load_tokenizer(smollm2_path)
     model = load_causal_lm(smollm2_path)
-    assert time.perf_counter() - start < 15  # the converted folder loads fast, unlike the GGUF itself
+    assert time.perf_counter() - start < 20  # about 1 s when idle; converting from the GGUF takes 30-60 s
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (30, 576, 49152)
     assert getattr(cfg, "quantization_config", None) is None
