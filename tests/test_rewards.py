@@ -120,11 +120,21 @@ ADVERSARIAL = [
 
 @pytest.fixture(scope="module")
 def reward():
+    """Short timeout: the adversarial inputs must be cut off quickly."""
     with MathReward(timeout_s=TIMEOUT_S, num_workers=2) as shared:
         yield shared
 
 
-def test_table(reward):
+@pytest.fixture(scope="module")
+def patient_reward():
+    """Real answers must score the same on a loaded machine: symbolic checks like (x+1)^2 = x^2+2x+1 can take over
+    a second when other jobs share the cores, so the table gets a timeout no real answer comes near."""
+    with MathReward(timeout_s=15.0, num_workers=2) as shared:
+        yield shared
+
+
+def test_table(patient_reward):
+    reward = patient_reward
     assert len(TABLE) >= 30
     scores = reward([c for c, _, _ in TABLE], [g for _, g, _ in TABLE])
     assert scores.dtype == torch.float32 and scores.shape == (len(TABLE),)
@@ -137,7 +147,8 @@ def test_table(reward):
     assert reward.stats()["last_call_timeouts"] == 0
 
 
-def test_gold_formats(reward):
+def test_gold_formats(patient_reward):
+    reward = patient_reward
     golds = ["72", "#### 72", GSM8K_NATALIA, "The total is $\\boxed{72}$.", "$72$", " 72 \n"]
     assert reward(["The answer is \\boxed{72}."] * len(golds), golds).tolist() == [1.0] * len(golds)
     latex_golds = ["\\frac{3}{4}", "3/4", "0.75", MATH_RATIO, "$\\frac{3}{4}$"]
