@@ -3,6 +3,21 @@
 It builds the engine at setup from the policy's weights, and after every optimizer step pushes the new weights
 into it, so the next batch's rollouts (made by the DataModule in ``on_before_batch_transfer``) come from exactly the
 weights that step produced. The DataModule finds it through the ``RolloutSource`` interface.
+
+With an engine that supports it (vLLM on GPU with sleep mode), the engine sleeps while the trainer steps: rollouts
+for a batch are made before ``on_train_batch_start``, and the push after the optimizer step wakes it again.
+
+Gathering the weights for the push (``policy_weights``) follows the strategy the policy is trained under, one
+parameter (or one FSDP unit) at a time so that the full model never exists twice:
+
+* single device and DDP: the parameters themselves (Lightning wraps the LightningModule, not ``policy``);
+* FSDP2 (``ModelParallelStrategy``): each DTensor parameter is gathered with ``full_tensor()``;
+* FSDP1 (``FSDPStrategy``): each FSDP unit's own parameters under ``summon_full_params(unit, recurse=False)``,
+  cloned before the unit is re-sharded (FSDP frees the unsharded storage on exit);
+* DeepSpeed ZeRO-3: each parameter under ``deepspeed.zero.GatheredParameters``, cloned for the same reason.
+
+The FSDP1 and ZeRO-3 paths need several GPUs and are untested here (CI is CPU-only); the single-device path is
+what the tests and the CPU demo exercise.
 """
 
 from __future__ import annotations
@@ -13,37 +28,95 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor
+from torch import Tensor, nn
 
 from mgrpo_pl.rollout.engine import GenerationEngine, build_engine, param_checksum
 from mgrpo_pl.rollout.source import RolloutSource
+
+# Prefixes FSDP1 and activation checkpointing insert into parameter names; HF names never contain them.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _fsdp1_root(pl_module: LightningModule) -> nn.Module | None:
+    """The FSDP1 root that wraps the LightningModule, when the trainer runs ``FSDPStrategy``."""
+    trainer = pl_module._trainer
+    wrapped = getattr(getattr(trainer, "strategy", None), "model", None) if trainer is not None else None
+    if wrapped is None or not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return wrapped if isinstance(wrapped, FullyShardedDataParallel) else None
+
+
+def _fsdp1_weights(root: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """Per FSDP unit: gather only that unit's parameters, clone them, re-shard. Untested on CPU (needs GPUs)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    for unit_name, unit in root.named_modules():
+        if not isinstance(unit, FSDP):
+            continue
+        nested = {id(p) for m in unit.modules() if m is not unit and isinstance(m, FSDP) for p in m.parameters()}
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+            for name, param in unit.named_parameters():
+                if id(param) in nested:
+                    continue  # gathered when its own unit is visited
+                full = _clean_name(f"{unit_name}.{name}" if unit_name else name)
+                if full.startswith("policy."):
+                    yield full.removeprefix("policy."), param.detach().clone()
+
+
+def _zero3_weights(policy: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """DeepSpeed ZeRO-3: one parameter gathered at a time. Untested on CPU (needs DeepSpeed and GPUs)."""
+    import deepspeed
+
+    for name, param in policy.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            yield _clean_name(name), param.detach().clone()
 
 
 def policy_weights(pl_module: LightningModule) -> Iterator[tuple[str, Tensor]]:
     """The policy's parameters under their HF names, one tensor at a time (never the whole model copied).
 
-    FSDP2 shards are gathered per parameter with ``full_tensor()``.
+    See the module docstring for the per-strategy gathering.
     """
-    for name, param in pl_module.policy.named_parameters():
+    policy = pl_module.policy
+    if isinstance(policy, nn.parallel.DistributedDataParallel):
+        policy = policy.module
+    root = _fsdp1_root(pl_module)
+    if root is not None:
+        yield from _fsdp1_weights(root)
+        return
+    if any(hasattr(p, "ds_id") for p in policy.parameters()):
+        yield from _zero3_weights(policy)
+        return
+    for name, param in policy.named_parameters():
         tensor = param.detach()
         if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        yield name, tensor
+            tensor = tensor.full_tensor()  # FSDP2 DTensor: this parameter only
+        yield _clean_name(name), tensor
 
 
 class RolloutCallback(Callback, RolloutSource):
     """Builds the generation engine and refreshes its weights after every optimizer step.
 
     Args:
-        engine: ``transformers`` (any device) or ``vllm``.
+        engine: ``transformers`` (any device), ``vllm``, or ``auto`` (vLLM when it is installed and has a device,
+            else transformers).
         share_weights: For the transformers engine: generate with the policy module itself (no copy, nothing
             to push). False keeps a separate copy refreshed every step, as an external engine is.
-        engine_kwargs: Extra arguments of the engine (e.g. ``max_batch_size``, vLLM's ``gpu_memory_utilization``).
+        engine_kwargs: Extra arguments of the engine (e.g. ``max_batch_size``, vLLM's ``gpu_memory_utilization``,
+            ``cpu_kv_cache_gib``, ``sleep_mode``). With ``auto``, options the chosen engine lacks are ignored.
     """
 
     def __init__(
         self,
-        engine: Literal["transformers", "vllm"] = "transformers",
+        engine: Literal["transformers", "vllm", "auto"] = "transformers",
         share_weights: bool = True,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -65,13 +138,19 @@ class RolloutCallback(Callback, RolloutSource):
         # configure_model may not have run yet at setup; the engine needs the weights.
         pl_module.configure_model()
         kwargs = dict(self.engine_kwargs)
-        if self.kind == "transformers":
+        if self.kind in ("transformers", "auto"):
             kwargs.setdefault("share_weights", self.share_weights)
         self._engine = build_engine(self.kind, pl_module.policy, pl_module.tokenizer, **kwargs)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A resumed run restores the weights after setup: push them before the first rollout.
         self.push(pl_module)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # The batch's rollouts are made; until the push after the optimizer step the engine is idle.
+        sleep = getattr(self._engine, "sleep", None)
+        if callable(sleep):
+            sleep()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
