@@ -7,7 +7,8 @@ over a completion's tokens, then mean over completions).
 
 Departures from the paper, all documented options: ``old_logp`` is the trainer's own detached log-prob, since every
 rollout batch gets exactly one optimizer step (so the ratio is 1 and clipping matters only with more steps per
-batch); the engine's behaviour log-probs are only compared with it, as a logged mismatch.
+batch); the engine's behaviour log-probs are compared with it, as a logged mismatch, and with ``tis_cap`` set they
+re-weight each token's surrogate by the truncated importance ratio ``min(pi_trainer / pi_engine, tis_cap)``.
 
 Optimisation is manual so that a step can run several micro-batches (packed by token budget) through backward
 before the single optimizer step, without Lightning's gradient accumulation (which would also re-run the
@@ -29,7 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from mgrpo_pl.algo.logprobs import token_logprobs
-from mgrpo_pl.algo.losses import LossAggregation, aggregate, loss_stats, policy_loss
+from mgrpo_pl.algo.losses import LossAggregation, aggregate, loss_stats, policy_loss, truncated_is_weights
 from mgrpo_pl.algo.packing import pack_by_token_budget
 from mgrpo_pl.batching import MicroBatch, collate_micro_batch, completion_mask_counts
 from mgrpo_pl.metrics import SelfCorrectionMetrics
@@ -68,6 +69,9 @@ class MGRPOModule(LightningModule):
             ``data.rollout.sampling.temperature`` by the CLI.
         micro_batch_tokens: Padded tokens per forward pass; bounds memory, not the batch.
         max_grad_norm: Gradient-norm clip; None disables it.
+        tis_cap: Truncated importance sampling: weight each token's surrogate by ``min(pi_trainer / pi_engine,
+            tis_cap)``, correcting for the generation engine's numerics (vLLM) differing from the trainer's. None
+            (default) leaves the loss unweighted; the mismatch is logged either way (``train/engine_logprob_gap``).
         mask_truncated: Drop completions cut at the length limit from the loss (DAPO's overlong filtering).
         gradient_checkpointing: Trade compute for memory in the policy's forward.
         disable_dropout: Zero every dropout in the policy, so training log-probs match the engine's (as TRL does).
@@ -93,6 +97,7 @@ class MGRPOModule(LightningModule):
         temperature: float = 1.0,
         micro_batch_tokens: int = 8192,
         max_grad_norm: float | None = 1.0,
+        tis_cap: float | None = None,
         mask_truncated: bool = False,
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
@@ -115,6 +120,8 @@ class MGRPOModule(LightningModule):
             raise ValueError("--model.clip_eps and --model.clip_eps_high must be > 0")
         if temperature <= 0:
             raise ValueError(f"--model.temperature must be > 0 (log-probs are taken at it), got {temperature}")
+        if tis_cap is not None and tis_cap < 1:
+            raise ValueError(f"--model.tis_cap must be >= 1 (or null to turn it off), got {tis_cap}")
         if micro_batch_tokens < 1:
             raise ValueError(f"--model.micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -204,6 +211,8 @@ class MGRPOModule(LightningModule):
         weights = {1: 1.0, 2: hp.layer2_weight}
         sums: dict[str, float] = defaultdict(float)
         pad_id = int(self.tokenizer.pad_token_id)
+        if hp.tis_cap is not None and batch.engine_logprobs is None:
+            raise ValueError("--model.tis_cap needs the engine's behaviour log-probs, but this rollout batch has none")
         for i, rows in enumerate(micro):
             mb = collate_micro_batch(batch, rows, pad_id, hp.mask_truncated)
             logp = self._completion_logprobs(self.policy, mb)
@@ -211,6 +220,9 @@ class MGRPOModule(LightningModule):
             if self.reference is not None:
                 with torch.no_grad():
                     ref_logp = self._completion_logprobs(self.reference, mb)
+            is_weights = None
+            if hp.tis_cap is not None:
+                is_weights = truncated_is_weights(logp, mb.engine_logprobs, hp.tis_cap)
             out = policy_loss(
                 logp,
                 logp.detach(),
@@ -219,6 +231,7 @@ class MGRPOModule(LightningModule):
                 beta=hp.beta,
                 eps_low=hp.clip_eps,
                 eps_high=hp.clip_eps_high,
+                is_weights=is_weights,
             )
             loss = logp.new_zeros(())
             for layer, weight in weights.items():
@@ -248,6 +261,9 @@ class MGRPOModule(LightningModule):
             if mb.engine_logprobs is not None and tokens:
                 gap = (logp.detach() - mb.engine_logprobs).abs()[mb.mask]
                 sums["engine_logprob_gap"] += float(gap.sum())
+            if is_weights is not None and tokens:
+                sums["tis_weight"] += float(is_weights[mb.mask].sum())
+                sums["tis_capped"] += float((is_weights[mb.mask] >= hp.tis_cap).sum())
             sums["tokens"] += tokens
         return sums, len(micro)
 
@@ -297,6 +313,9 @@ class MGRPOModule(LightningModule):
         }
         if batch.engine_logprobs is not None:
             values["train/engine_logprob_gap"] = sums["engine_logprob_gap"] / tokens
+        if self.hparams.tis_cap is not None:
+            values["train/tis_weight"] = sums["tis_weight"] / tokens
+            values["train/tis_capped_frac"] = sums["tis_capped"] / tokens
         values.update({f"rollout/{k}" if "/" not in k else k: v for k, v in batch.stats.items()})
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch.num_problems)
         self.log(

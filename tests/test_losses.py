@@ -17,6 +17,7 @@ from mgrpo_pl.algo import (
     k3_kl,
     loss_stats,
     policy_loss,
+    truncated_is_weights,
 )
 
 # Six tokens of one completion, old_logp = 0 so r = exp(logp) = the listed ratio.
@@ -159,6 +160,34 @@ def test_policy_loss_without_reference() -> None:
     out0 = policy_loss(logp, old, adv, ref_logp=torch.zeros(1, 6), beta=0.0)
     assert out0.kl is not None and (out0.kl > 0).any()
     torch.testing.assert_close(out0.loss, out.loss, atol=0, rtol=0)
+
+
+def test_truncated_is_weights_hand_values() -> None:
+    # ratios trainer/engine: e^0 = 1, e^0.5 = 1.6487, e^2 = 7.389 -> capped at 2, e^-1 = 0.3679 (kept: only the top
+    # is truncated); a wild pair (|log-ratio| 80) gives the cap, not inf.
+    trainer = torch.tensor([[0.0, 0.5, 2.0, -1.0, 80.0]])
+    engine = torch.zeros(1, 5)
+    w = truncated_is_weights(trainer, engine, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, math.exp(0.5), 2.0, math.exp(-1.0), 2.0]]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        truncated_is_weights(trainer, engine, cap=0.5)
+    with pytest.raises(ValueError, match="shapes differ"):
+        truncated_is_weights(trainer, torch.zeros(1, 4), cap=2.0)
+
+
+def test_is_weights_scale_the_surrogate_not_the_kl() -> None:
+    # One token, r = 1, A = 1, ref = ln 0.5 (KL 0.1931472, gradient factor 0.5 as above), weight 0.5:
+    # loss = -0.5 * 1 + 0.1 * KL; d loss / d logp = -0.5 * r A + beta (1 - exp(d)) = -0.5 + 0.05 = -0.45.
+    logp = torch.zeros(1, 1, requires_grad=True)
+    ref = torch.full((1, 1), math.log(0.5))
+    out = policy_loss(
+        logp, torch.zeros(1, 1), torch.ones(1), ref_logp=ref, beta=0.1, is_weights=torch.full((1, 1), 0.5)
+    )
+    assert out.loss.item() == pytest.approx(-0.5 + 0.1 * 0.1931472, abs=1e-6)
+    out.loss.sum().backward()
+    assert logp.grad.item() == pytest.approx(-0.45, abs=1e-6)
+    with pytest.raises(ValueError, match="is_weights must match"):
+        policy_loss(logp, torch.zeros(1, 1), torch.ones(1), is_weights=torch.ones(1, 2))
 
 
 def test_beta_without_reference_raises() -> None:

@@ -90,3 +90,47 @@ def test_constructor_errors_name_the_flag(tiny_model_path):
         MGRPOModule(model=str(tiny_model_path), beta=-1.0)
     with pytest.raises(ValueError, match="--model.temperature"):
         MGRPOModule(model=str(tiny_model_path), temperature=0.0)
+
+
+def _with_engine_logprobs(module, batch, shift):
+    """The batch with engine log-probs = the trainer's own (from the current policy) + ``shift`` per token."""
+    mb = collate_micro_batch(batch, list(range(len(batch.sequences))), int(module.tokenizer.pad_token_id), False)
+    with torch.no_grad():
+        lp = module._completion_logprobs(module.policy, mb)
+    batch.engine_logprobs = [
+        lp[r][lp.shape[1] - (len(s) - int(p)) :] + shift
+        for r, (s, p) in enumerate(zip(batch.sequences, batch.prompt_lengths))
+    ]
+    return batch
+
+
+def test_truncated_is_reweights_by_the_engine_mismatch(module):
+    from mgrpo_pl.algo.losses import LossAggregation
+
+    mode = LossAggregation.SEQ_MEAN_TOKEN_MEAN
+    vocab = len(module.tokenizer)
+    plain, _, _ = _grads(module, _batch(vocab), 10_000, mode)
+    try:
+        module.hparams.tis_cap = 2.0
+        # Engine agrees with the trainer: every weight is 1, the gradient is the unweighted one.
+        same, sums, _ = _grads(module, _with_engine_logprobs(module, _batch(vocab), 0.0), 10_000, mode)
+        assert sums["tis_weight"] / sums["tokens"] == pytest.approx(1.0, abs=1e-5)
+        assert sums["tis_capped"] == 0
+        for name, g in plain.items():
+            torch.testing.assert_close(same[name], g, atol=1e-6, rtol=1e-5, msg=name)
+        # Engine twice as confident in every token: weight 1/2 each, nothing capped.
+        _, sums, _ = _grads(module, _with_engine_logprobs(module, _batch(vocab), 0.6931472), 10_000, mode)
+        assert sums["tis_weight"] / sums["tokens"] == pytest.approx(0.5, abs=1e-5)
+        # Engine far less confident: every ratio e^5 is cut to the cap.
+        _, sums, _ = _grads(module, _with_engine_logprobs(module, _batch(vocab), -5.0), 10_000, mode)
+        assert sums["tis_weight"] / sums["tokens"] == pytest.approx(2.0, abs=1e-6)
+        assert sums["tis_capped"] == sums["tokens"]
+        with pytest.raises(ValueError, match="--model.tis_cap needs the engine's behaviour log-probs"):
+            _grads(module, _batch(vocab), 10_000, mode)
+    finally:
+        module.hparams.tis_cap = None
+
+
+def test_tis_cap_below_one_names_the_flag(tiny_model_path):
+    with pytest.raises(ValueError, match="--model.tis_cap must be >= 1"):
+        MGRPOModule(model=str(tiny_model_path), tis_cap=0.5)

@@ -10,6 +10,7 @@ from mgrpo_pl.algo.losses import (
     k3_kl,
     loss_stats,
     policy_loss,
+    truncated_is_weights,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "policy_loss",
     "token_entropy",
     "token_logprobs",
+    "truncated_is_weights",
 ]

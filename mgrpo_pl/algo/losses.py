@@ -19,6 +19,10 @@ Departures from the paper, all opt-in by name:
 - ``token-mean`` (DAPO): every token of the batch weighs the same, so long completions are not down-weighted.
 - ``seq-mean-token-sum-norm`` (Dr. GRPO): token sums divided by a constant ``num_seqs * norm_length``, which removes
   the length bias of ``1/|o_i|``.
+- ``is_weights`` (truncated importance sampling, "TIS"): when a separate engine (vLLM) samples the tokens, its
+  probabilities differ slightly from the trainer's for the same weights (kernels, precision). Each token's surrogate
+  is then multiplied by ``min(pi_trainer_old / pi_engine, cap)``, a detached weight that corrects the sampling
+  distribution without letting a rare large ratio dominate (:func:`truncated_is_weights`). Off unless a cap is set.
 - Eq. 6 writes ``1/H sum_j sum_h`` for layer 2, i.e. a sum over the G' kept queries; the default here averages over
   all layer-2 completions, so a prompt with many kept corrections does not get a larger step. The caller can
   reproduce the literal form by passing ``num_seqs = H``.
@@ -41,6 +45,7 @@ __all__ = [
     "k3_kl",
     "loss_stats",
     "policy_loss",
+    "truncated_is_weights",
 ]
 
 # exp(20) ~ 4.9e8 is already far outside any clip range, while exp(89) overflows float32 (and exp(-104) underflows to
@@ -218,6 +223,7 @@ def policy_loss(
     beta: float = 0.0,
     eps_low: float = 0.2,
     eps_high: float | None = None,
+    is_weights: Tensor | None = None,
 ) -> PolicyLossOutput:
     """Per-token GRPO loss of one layer: ``-min(r A, clip(r) A) + beta * k3_kl`` (the integrand of -Eq. 3/6).
 
@@ -229,6 +235,9 @@ def policy_loss(
         beta: KL coefficient (paper: 0.001); the KL is still computed for logging when ``beta == 0``.
         eps_low: lower clip range.
         eps_high: upper clip range; None means ``eps_low``.
+        is_weights: ``[B, T]`` per-token weights of the surrogate (truncated importance sampling), treated as
+            constants; None means 1. The KL term is not weighted: it is a penalty on the current policy, not an
+            expectation over the sampling distribution.
 
     Returns:
         A :class:`PolicyLossOutput`.
@@ -241,9 +250,34 @@ def policy_loss(
     if beta > 0 and ref_logp is None:
         raise ValueError(f"beta={beta} > 0 needs a reference: pass ref_logp, or set beta to 0 to train without KL")
     objective, ratio, clipped_low, clipped_high = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high)
+    if is_weights is not None:
+        if is_weights.shape != logp.shape:
+            raise ValueError(f"is_weights must match logp {tuple(logp.shape)}, got {tuple(is_weights.shape)}")
+        objective = objective * is_weights.detach()
     kl = None if ref_logp is None else k3_kl(logp, ref_logp.detach())
     loss = -objective if kl is None or beta == 0 else -objective + beta * kl
     return PolicyLossOutput(loss=loss, ratio=ratio, kl=kl, clipped_low=clipped_low, clipped_high=clipped_high)
+
+
+def truncated_is_weights(trainer_logp: Tensor, engine_logp: Tensor, cap: float) -> Tensor:
+    """``min(exp(trainer_logp - engine_logp), cap)`` per token, detached: the truncated importance weight.
+
+    ``trainer_logp`` is the trainer's log-prob of a sampled token under the weights that sampled it and
+    ``engine_logp`` the engine's own for the same token; their ratio re-weights the engine's sampling distribution to
+    the trainer's. The cap bounds the variance a rare token with a tiny engine probability would add. The log-ratio
+    is clamped like the PPO ratio's, so a wild pair gives ``cap``, never inf.
+
+    Raises:
+        ValueError: on a cap below 1 (it would down-weight tokens the two agree on) or mismatched shapes.
+    """
+    if cap < 1.0:
+        raise ValueError(f"the truncated-IS cap must be >= 1, got {cap}")
+    if trainer_logp.shape != engine_logp.shape:
+        raise ValueError(
+            f"trainer and engine log-prob shapes differ: {tuple(trainer_logp.shape)} vs {tuple(engine_logp.shape)}"
+        )
+    log_ratio = (trainer_logp.detach() - engine_logp.detach()).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return torch.exp(log_ratio).clamp(max=cap)
 
 
 def loss_stats(out: PolicyLossOutput, mask: Tensor) -> dict[str, Tensor]:
