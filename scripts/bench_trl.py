@@ -1,0 +1,305 @@
+"""mgrpo_pl against TRL's GRPOTrainer on the same one-round GRPO work, side by side, on this CPU.
+
+One invocation runs, one after the other and each in its own subprocess (so that peak RSS is per framework):
+
+1. ``grpo``  - mgrpo_pl with layer 2 off (one-round GRPO), the policy shared with the generation engine;
+2. ``trl``   - TRL's ``GRPOTrainer`` with the settings of FACTS.md ("The peer to beat");
+3. ``mgrpo`` - mgrpo_pl with layer 2 on (G samples, H corrections per kept query) and a separate engine copy
+   (``share_weights=False``), so that the per-step weight refresh is a real copy whose time can be measured.
+
+Equal work (1 vs 2): the same model folder loaded by both, the same prompts ("What is a + b?" + "Put the answer in
+\\boxed{}." as one user message through the same chat template), G samples for each of P prompts per optimizer step,
+the same max completion length, temperature, AdamW (fused, lr, no weight decay, constant schedule), grad-norm clip 1,
+beta with a separate fp32 reference model, PPO clip epsilon, the same loss normalisation (mean over a completion's
+tokens, then over completions: TRL's ``loss_type="grpo"``), group-scaled advantages, one optimizer step per batch,
+fp32 on the CPU with the same thread count, and the same reward (``mgrpo_pl.rewards.MathReward``, wrapped into TRL's
+reward-function signature). Token counts are real tokens: generated = completion tokens up to and including the
+end-of-turn token (TRL pads every completion of a batch to the longest; padding is not counted), trained = tokens
+under the loss mask (the same set).
+
+What differs unavoidably (implementation, not work):
+- Sampling is random: the two frameworks draw different completions, so the real token counts differ a little from
+  step to step; per-token throughputs are the fair figures, steps/s is fair when the mean completion lengths match
+  (both are printed).
+- Micro-batching: TRL runs ``per_device_train_batch_size`` (G) sequences per forward/backward and pads completions to
+  the longest of the generation batch; mgrpo_pl packs sequences by a token budget (``--micro-batch-tokens``, 2048
+  here: about 21 sequences of ~95 tokens; its library default of 8192 puts all 32 in one pass and costs ~1 GiB more
+  peak RSS on the 30M model for no speed).
+- Gradient checkpointing: TRL's default (on) is kept; mgrpo_pl's default (off) is kept. Both are memory/speed knobs.
+- TRL computes per-token entropies for logging and pads prompts; mgrpo_pl records behaviour log-probs while sampling.
+- Advantage epsilon: TRL divides by ``std + 1e-4``, mgrpo_pl by ``std + 1e-6`` (no cost difference).
+- The trainers' own overheads (Lightning loop and logging vs HF Trainer loop and logging) are part of what is timed.
+
+The layer-2 run (3) uses an emulated reward by default (``--l2-pass-rate``): math-verify scores every completion (so
+its cost is paid) and a deterministic coin on the text then decides the outcome with that rate, because a random
+model never answers correctly and layer 2 would keep no query, making the MGRPO step look as cheap as GRPO's.
+
+The machine load (``os.getloadavg``, 1-minute average) is recorded before and after each part; the benchmark itself
+accounts for about ``--threads`` of it, so anything well above that means other work shared the cores and the
+figures are slowed (on 2 shared cores, by 2-5x) and noisy.
+
+Timing: a step is the wall time between consecutive optimizer-step ends (rollout, reward, reference and policy
+passes, optimizer, weight refresh, logging: everything); ``--warmup`` steps are run first and not measured.
+
+Example:
+    python scripts/bench_trl.py --out bench.json                  # ~30M random Qwen2, 1 warm-up + 5 steps each
+    python scripts/bench_trl.py --model smollm2-135m-instruct --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Only the standard library at module level: math-verify's worker processes re-import this script.
+PARTS = ("grpo", "trl", "mgrpo")
+ROUND_KEYS = ("s_per_step", "steps_per_s", "peak_rss_bytes", "loadavg_before", "loadavg_after")
+BENCH_MODEL = "qwen2-30m"  # the default model, built by bench_runners.prepare_model
+SCRIPTS = Path(__file__).resolve().parent
+
+
+def _runners() -> Any:
+    """The sibling ``bench_runners`` module (imported late: it pulls in torch)."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import bench_runners
+
+    return bench_runners
+
+
+# -- orchestration ------------------------------------------------------------------------------------------------
+def _child(args: argparse.Namespace) -> None:
+    load_before = os.getloadavg()
+    runners = _runners()
+    result = runners.run_trl(args) if args.only == "trl" else runners.run_mgrpo(args, layer2=args.only == "mgrpo")
+    result.update(peak_rss_bytes=runners.peak_rss_bytes(), loadavg_before=load_before, loadavg_after=os.getloadavg())
+    Path(args.result).write_text(json.dumps(result))
+
+
+def _child_argv(args: argparse.Namespace, part: str, result: str) -> list[str]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--only", part, "--result", result]
+    for key in (
+        "model_dir threads steps warmup num_generations prompts_per_step max_completion_length num_corrections "
+        "temperature lr beta epsilon micro_batch_tokens reward_workers seed"
+    ).split():
+        argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.l2_pass_rate is not None:
+        argv += ["--l2-pass-rate", str(args.l2_pass_rate)]
+    if args.mgrpo_checkpointing:
+        argv.append("--mgrpo-checkpointing")
+    return argv
+
+
+def _run_part(args: argparse.Namespace, part: str) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory(prefix="bench-part-") as tmp:
+        result = Path(tmp) / "result.json"
+        tick = time.perf_counter()
+        proc = subprocess.run(_child_argv(args, part, str(result)), env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not result.is_file():
+            tail = (proc.stdout + proc.stderr)[-4000:]
+            raise RuntimeError(f"benchmark part {part!r} failed (exit {proc.returncode}):\n{tail}")
+        out = json.loads(result.read_text())
+    out["process_wall_s"] = time.perf_counter() - tick
+    print(f"[bench] {part}: {out['s_per_step']:.2f} s/step over {out['steps']} steps", file=sys.stderr, flush=True)
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Ratios and target checks from the per-part results."""
+    grpo, trl, mgrpo = results.get("grpo"), results.get("trl"), results.get("mgrpo")
+    out: dict[str, Any] = {}
+    if grpo and trl:
+        keys = ("steps_per_s", "generated_tokens_per_s", "trained_tokens_per_s", "peak_rss_bytes")
+        out["mgrpo_over_trl"] = {k: _ratio(grpo[k], trl[k]) for k in keys}
+        out["targets"] = {
+            "steps_per_s_ratio_ge_1.5": out["mgrpo_over_trl"]["steps_per_s"] >= 1.5,
+            "peak_rss_le_trl": grpo["peak_rss_bytes"] <= trl["peak_rss_bytes"],
+        }
+    if mgrpo:
+        share = mgrpo["weight_refresh_s"] / mgrpo["s_per_step"]
+        out["weight_refresh_share_of_step"] = share
+        out.setdefault("targets", {})["weight_refresh_le_2pct"] = share <= 0.02
+        if grpo:
+            out["mgrpo_over_grpo_step_time"] = mgrpo["s_per_step"] / grpo["s_per_step"]
+            out["targets"]["mgrpo_step_le_2x_grpo"] = out["mgrpo_over_grpo_step_time"] <= 2.0
+    return out
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The human-readable tables of a report."""
+    res, cmp_ = report["results"], report["comparison"]
+    grpo, trl, mgrpo = res.get("grpo", {}), res.get("trl", {}), res.get("mgrpo", {})
+    gib = 1024**3
+    rows = [
+        ("steps/s", "steps_per_s", 3, 1),
+        ("s/step", "s_per_step", 2, 1),
+        ("generated tokens/s (real)", "generated_tokens_per_s", 1, 1),
+        ("trained tokens/s", "trained_tokens_per_s", 1, 1),
+        ("generated tokens/step", "generated_tokens_per_step", 0, 1),
+        ("mean completion length", "completion_len_per_step", 1, 1),
+        ("prompt tokens/step", "prompt_tokens_per_step", 0, 1),
+        ("peak RSS (GiB)", "peak_rss_bytes", 2, gib),
+        ("start-up to first step (s)", "startup_s", 1, 1),
+    ]
+    c = report["config"]
+    lines = [
+        f"model `{c['model']}` ({_fmt(grpo.get('parameters', trl.get('parameters', 0)) / 1e6, 1)}M params), "
+        f"G={c['num_generations']}, {c['prompts_per_step']} prompts/step, max {c['max_completion_length']} tokens, "
+        f"{c['threads']} threads, {c['steps']} measured steps after {c['warmup']} warm-up",
+        "",
+        "| figure | mgrpo_pl (GRPO) | TRL GRPOTrainer | mgrpo_pl / TRL |",
+        "|---|---|---|---|",
+    ]
+    for label, key, digits, scale in rows:
+        a, b = grpo.get(key), trl.get(key)
+        a, b = (a / scale if a is not None else None), (b / scale if b is not None else None)
+        lines.append(f"| {label} | {_fmt(a, digits)} | {_fmt(b, digits)} | {_fmt(_ratio(a, b))} |")
+    if trl:
+        lines.append(f"| TRL padded completion slots/step | | {_fmt(trl.get('completion_slots_per_step'), 0)} | |")
+    if mgrpo:
+        lines += [
+            "",
+            f"| MGRPO (layer 2, G={c['num_generations']}, H={c['num_corrections']}) | value |",
+            "|---|---|",
+            f"| s/step (MGRPO) | {_fmt(mgrpo['s_per_step'])} |",
+            f"| MGRPO / GRPO step time | {_fmt(cmp_.get('mgrpo_over_grpo_step_time'))} |",
+            f"| kept layer-2 queries/step | {_fmt(mgrpo['kept_queries_per_step'], 1)} |",
+            f"| layer-2 sequences/step | {_fmt(mgrpo['layer2_sequences_per_step'], 1)} |",
+            f"| generated tokens/step | {_fmt(mgrpo['generated_tokens_per_step'], 0)} |",
+            f"| weight refresh (s) | {_fmt(mgrpo['weight_refresh_s'], 3)} |",
+            f"| weight refresh share of step | {_fmt(100 * cmp_['weight_refresh_share_of_step'])}% |",
+        ]
+    phases = [(name, r) for name, r in (("GRPO", grpo), (f"MGRPO (H={c['num_corrections']})", mgrpo)) if r]
+    if phases:
+        lines += [
+            "",
+            "| mgrpo_pl step (s) | generate | reward | train (ref fwd, policy fwd+bwd, opt) | weight refresh | other |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in phases:
+            parts = (r["generate_s_per_step"], r["reward_s_per_step"], r["train_step_s"], r["weight_refresh_s"])
+            other = r["s_per_step"] - sum(parts)
+            lines.append(
+                f"| {name} | "
+                + " | ".join(_fmt(x, 3 if i == 3 else 2) for i, x in enumerate(parts))
+                + f" | {_fmt(other)} |"
+            )
+    if trl:
+        lines.append(
+            f"\nTRL step (s): generate + reward + reference fwd {_fmt(trl['generate_and_score_s_per_step'])}, "
+            f"policy fwd/bwd + optimizer + rest {_fmt(trl['s_per_step'] - trl['generate_and_score_s_per_step'])}"
+        )
+    load = ", ".join(
+        f"{part}: {_fmt(r['loadavg_before'][0])} -> {_fmt(r['loadavg_after'][0])}" for part, r in res.items()
+    )
+    lines += ["", f"machine load (1-min average, before -> after each part): {load}"]
+    if c.get("repeats", 1) > 1:
+        per_round = "; ".join(
+            f"{part}: " + ", ".join(_fmt(r["s_per_step"]) for r in runs) for part, runs in report["rounds"].items()
+        )
+        lines.append(f"s/step per round (the fastest is reported): {per_round}")
+    if "targets" in cmp_:
+        lines.append("targets: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in cmp_["targets"].items()))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--model", default=BENCH_MODEL, help=f"{BENCH_MODEL} (default), tiny, smollm2-135m-instruct, a folder"
+    )
+    p.add_argument("--cache-dir", default=None, help="model cache root (default: mgrpo_pl's cache)")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of grpo,trl,mgrpo")
+    p.add_argument("--steps", type=int, default=5, help="measured optimizer steps per part")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
+    p.add_argument("--num-generations", type=int, default=8, help="G")
+    p.add_argument("--prompts-per-step", type=int, default=4)
+    p.add_argument("--max-completion-length", type=int, default=64)
+    p.add_argument("--num-corrections", type=int, default=4, help="H, layer-2 samples per kept query (mgrpo part)")
+    p.add_argument("--l2-pass-rate", type=float, default=0.5, help="emulated correct rate in the mgrpo part; <0: real")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--beta", type=float, default=0.001)
+    p.add_argument("--epsilon", type=float, default=0.2)
+    p.add_argument("--micro-batch-tokens", type=int, default=2048, help="mgrpo_pl's padded tokens per forward")
+    p.add_argument("--mgrpo-checkpointing", action="store_true", help="gradient checkpointing in mgrpo_pl too")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reward-workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="rounds over the parts; each part reports its fastest")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--only", choices=PARTS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.l2_pass_rate is not None and args.l2_pass_rate < 0:
+        args.l2_pass_rate = None
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        p.error("--steps and --repeats must be >= 1 and --warmup >= 0")
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from {','.join(PARTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.only:
+        _child(args)
+        return {}
+    args.model_dir = _runners().prepare_model(args.model, args.cache_dir)
+    parts = [p for p in PARTS if p in args.parts.split(",")]
+    # Repeats alternate the parts (grpo, trl, mgrpo, grpo, ...) so that a burst of other work on shared cores slows
+    # one round, not one framework; each part is then represented by its least disturbed (fastest) round.
+    rounds: dict[str, list[dict[str, Any]]] = {part: [] for part in parts}
+    for _ in range(args.repeats):
+        for part in parts:
+            rounds[part].append(_run_part(args, part))
+    results = {part: max(runs, key=lambda r: r["steps_per_s"]) for part, runs in rounds.items()}
+    config = {k: v for k, v in vars(args).items() if k not in ("only", "result")}
+    report = {
+        "config": config,
+        "versions": _versions(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_end": os.getloadavg(),
+        "results": results,
+        "comparison": compare(results),
+        "rounds": {part: [{k: r[k] for k in ROUND_KEYS} for r in runs] for part, runs in rounds.items()},
+    }
+    print(markdown(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "lightning", "trl", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+if __name__ == "__main__":
+    main()

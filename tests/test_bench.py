@@ -1,0 +1,79 @@
+"""scripts/bench_trl.py end to end on the tiny model: all three parts run and the JSON report is complete.
+
+No timing is asserted (the machines are shared); only that every figure exists and is a positive number.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_trl.py"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("trl") is None, reason="needs TRL for the comparison: pip install 'mgrpo_pl[bench]'"
+    ),
+]
+
+PER_PART = ("steps_per_s", "s_per_step", "generated_tokens_per_s", "trained_tokens_per_s", "peak_rss_bytes")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, mgrpo_cache_dir) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--model=tiny",
+        f"--cache-dir={mgrpo_cache_dir}",
+        "--steps=1",
+        "--warmup=1",
+        "--num-generations=2",
+        "--prompts-per-step=2",
+        "--max-completion-length=8",
+        "--num-corrections=2",
+        f"--out={out}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| steps/s |" in proc.stdout  # the Markdown table is printed
+    return json.loads(out.read_text())
+
+
+def test_every_part_reports_positive_figures(report):
+    assert set(report["results"]) == {"grpo", "trl", "mgrpo"}
+    for part, result in report["results"].items():
+        for key in PER_PART:
+            assert result[key] > 0, (part, key)
+        assert result["steps"] == 1
+        assert len(result["loadavg_before"]) == 3
+
+
+def test_equal_work_counts_real_tokens(report):
+    grpo, trl = report["results"]["grpo"], report["results"]["trl"]
+    # 2 prompts x 2 samples, at most 8 tokens each: real tokens can never exceed the slots.
+    for result in (grpo, trl):
+        assert 0 < result["generated_tokens_per_step"] <= 2 * 2 * 8
+        assert 0 < result["trained_tokens_per_step"] <= result["generated_tokens_per_step"]
+    assert trl["trained_tokens_per_step"] <= trl["completion_slots_per_step"]
+
+
+def test_comparison_and_layer2_figures(report):
+    cmp_ = report["comparison"]
+    for key in ("steps_per_s", "generated_tokens_per_s", "trained_tokens_per_s", "peak_rss_bytes"):
+        assert cmp_["mgrpo_over_trl"][key] > 0
+    assert cmp_["mgrpo_over_grpo_step_time"] > 0
+    assert 0 < cmp_["weight_refresh_share_of_step"] < 1
+    mgrpo = report["results"]["mgrpo"]
+    assert mgrpo["layer2"] is True and mgrpo["share_weights"] is False
+    assert mgrpo["weight_refresh_s"] > 0
+    assert set(cmp_["targets"]) >= {"steps_per_s_ratio_ge_1.5", "peak_rss_le_trl", "weight_refresh_le_2pct"}
+    assert len(report["loadavg_end"]) == 3
+    assert {part: len(runs) for part, runs in report["rounds"].items()} == {"grpo": 1, "trl": 1, "mgrpo": 1}
