@@ -124,7 +124,10 @@ class MGRPOModule(LightningModule):
             raise ValueError(f"--model.tis_cap must be >= 1 (or null to turn it off), got {tis_cap}")
         if micro_batch_tokens < 1:
             raise ValueError(f"--model.micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # results_dir is where this run writes, not a property of the model: kept out of the checkpoint, because
+        # LightningCLI re-applies a checkpoint's hyper-parameters over the command line on `test --ckpt_path`.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "results_dir"])
+        self.results_dir = results_dir
         self.automatic_optimization = False
         self.model_path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
@@ -364,7 +367,7 @@ class MGRPOModule(LightningModule):
         records = self._eval_records.pop(key, [])
         if not records or self.trainer.sanity_checking:
             return
-        folder = Path(self.hparams.results_dir or (self.trainer.log_dir or "."))
+        folder = Path(self.results_dir or (self.trainer.log_dir or "."))
         folder.mkdir(parents=True, exist_ok=True)
         suffix = f"_rank{self.global_rank}" if self.trainer.world_size > 1 else ""
         path = folder / f"{stage}_{name}_step{self.global_step}{suffix}.jsonl"

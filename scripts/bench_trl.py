@@ -2,10 +2,13 @@
 
 One invocation runs, one after the other and each in its own subprocess (so that peak RSS is per framework):
 
-1. ``grpo``  - mgrpo_pl with layer 2 off (one-round GRPO), the policy shared with the generation engine;
+1. ``grpo``  - mgrpo_pl with layer 2 off (one-round GRPO), generating with ``--engine``: ``transformers`` (HF
+   ``generate`` on the policy itself, as TRL does on CPU) or ``vllm`` (mgrpo_pl's in-process vLLM engine, with the
+   weights pushed after every step);
 2. ``trl``   - TRL's ``GRPOTrainer`` with the settings of FACTS.md ("The peer to beat");
 3. ``mgrpo`` - mgrpo_pl with layer 2 on (G samples, H corrections per kept query) and a separate engine copy
-   (``share_weights=False``), so that the per-step weight refresh is a real copy whose time can be measured.
+   (``share_weights=False`` with the transformers engine), so that the per-step weight refresh is a real copy whose
+   time can be measured.
 
 Equal work (1 vs 2): the same model folder loaded by both, the same prompts ("What is a + b?" + "Put the answer in
 \\boxed{}." as one user message through the same chat template), G samples for each of P prompts per optimizer step,
@@ -87,7 +90,7 @@ def _child_argv(args: argparse.Namespace, part: str, result: str) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--only", part, "--result", result]
     for key in (
         "model_dir threads steps warmup num_generations prompts_per_step max_completion_length num_corrections "
-        "temperature lr beta epsilon micro_batch_tokens reward_workers seed"
+        "temperature lr beta epsilon micro_batch_tokens reward_workers seed engine"
     ).split():
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.l2_pass_rate is not None:
@@ -162,7 +165,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"model `{c['model']}` ({_fmt(grpo.get('parameters', trl.get('parameters', 0)) / 1e6, 1)}M params), "
         f"G={c['num_generations']}, {c['prompts_per_step']} prompts/step, max {c['max_completion_length']} tokens, "
-        f"{c['threads']} threads, {c['steps']} measured steps after {c['warmup']} warm-up",
+        f"{c['threads']} threads, {c['steps']} measured steps after {c['warmup']} warm-up, "
+        f"mgrpo_pl engine `{c.get('engine', 'transformers')}`",
         "",
         "| figure | mgrpo_pl (GRPO) | TRL GRPOTrainer | mgrpo_pl / TRL |",
         "|---|---|---|---|",
@@ -240,6 +244,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epsilon", type=float, default=0.2)
     p.add_argument("--micro-batch-tokens", type=int, default=2048, help="mgrpo_pl's padded tokens per forward")
     p.add_argument("--mgrpo-checkpointing", action="store_true", help="gradient checkpointing in mgrpo_pl too")
+    p.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="mgrpo_pl's generation engine (TRL generates with HF generate on CPU in every case)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reward-workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
