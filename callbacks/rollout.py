@@ -135,8 +135,10 @@ class RolloutCallback(Callback, RolloutSource):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._engine is not None:
             return
-        # configure_model may not have run yet at setup; the engine needs the weights.
-        pl_module.configure_model()
+        # configure_model may not have run yet at setup; the engine needs the weights. Load them unsharded: a
+        # separate engine copy (share_weights=False) must be a whole model, whatever the strategy shards later.
+        load = getattr(pl_module, "load_models", None)
+        (load if callable(load) else pl_module.configure_model)()
         kwargs = dict(self.engine_kwargs)
         if self.kind in ("transformers", "auto"):
             kwargs.setdefault("share_weights", self.share_weights)

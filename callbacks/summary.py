@@ -29,12 +29,14 @@ def _collect(trainer: Trainer, prefix: str) -> dict[str, dict[str, float]]:
 class MetricsSummary(Callback):
     """Prints Acc@t1, Acc@t2, Δ, Δi→c and Δc→i at the end of fit (training rollouts and validation) and test."""
 
-    @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows: dict[str, dict[str, float]] = {}
         transitions = getattr(pl_module, "train_transitions", None)
         if transitions is not None and int(transitions.total) > 0:
+            # compute() sums the counts over ranks, a collective: every rank calls it, rank 0 prints.
             rows["train rollouts (all steps)"] = {k: float(v) for k, v in transitions.compute().items()}
+        if not trainer.is_global_zero:
+            return
         rows.update(_collect(trainer, "val"))
         if rows:
             print("\nSelf-correction metrics (turn 1 -> turn 2)\n" + format_table(rows), flush=True)

@@ -18,10 +18,12 @@ DataModule's rollout hook per micro-batch).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,14 +35,32 @@ from mgrpo_pl.algo.logprobs import token_logprobs
 from mgrpo_pl.algo.losses import LossAggregation, aggregate, loss_stats, policy_loss, truncated_is_weights
 from mgrpo_pl.algo.packing import pack_by_token_budget
 from mgrpo_pl.batching import MicroBatch, collate_micro_batch, completion_mask_counts
+from mgrpo_pl.distributed import (
+    ROLLOUT_STAT_NAMES,
+    Reduce,
+    fully_shard_models,
+    global_normalisers,
+    global_rollout_stats,
+    global_sums,
+)
 from mgrpo_pl.metrics import SelfCorrectionMetrics
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from mgrpo_pl.rollout.engine import is_sharded
 from mgrpo_pl.rollout.types import EvalBatch, RolloutBatch
 from mgrpo_pl.schedules import ScheduleName, warmup_schedule
 
 
 def _default_optimizer(params: object) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _fsdp2_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # type: ignore[operator]
 
 
 def _zero_dropout(model: nn.Module) -> None:
@@ -141,7 +161,18 @@ class MGRPOModule(LightningModule):
         self._eval_records: dict[str, list[dict[str, object]]] = defaultdict(list)
 
     # -- models -------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Loading here, before Lightning's configure_model (which DeepSpeed ZeRO-3 runs inside zero.Init and FSDP1
+        # inside its wrapping context), gives whole, ordinary modules that the strategy then shards as it sets up.
+        self.load_models()
+
     def configure_model(self) -> None:
+        """Load the models (if not yet loaded) and, under ``ModelParallelStrategy``, shard them with FSDP2."""
+        self.load_models()
+        self._fully_shard()
+
+    def load_models(self) -> None:
+        """Load the policy and (when ``beta > 0``) the frozen reference; a no-op once loaded."""
         if self.policy is not None:
             return
         hp = self.hparams
@@ -156,12 +187,22 @@ class MGRPOModule(LightningModule):
             reference = load_causal_lm(self.model_path, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
             self._reference = [reference.eval().requires_grad_(False)]
 
+    def _fully_shard(self) -> None:
+        """FSDP2 over the data-parallel mesh of ``ModelParallelStrategy``: each decoder layer, then the whole model.
+
+        The reference is sharded the same way (it is frozen; its forwards all-gather like the policy's). Under the
+        other strategies the reference stays whole on every rank: outside the module tree, DDP, FSDP1 and DeepSpeed
+        never see it, so it is neither trained, checkpointed nor wrapped.
+        """
+        if self._device_mesh is not None and self.policy is not None and not is_sharded(self.policy):
+            fully_shard_models([self.policy, *self._reference], self._device_mesh)
+
     @property
     def reference(self) -> nn.Module | None:
         return self._reference[0] if self._reference else None
 
     def on_fit_start(self) -> None:
-        if self.reference is not None:
+        if self.reference is not None and not is_sharded(self.reference):
             self.reference.to(self.device)
 
     def configure_optimizers(self) -> dict[str, object]:
@@ -197,27 +238,52 @@ class MGRPOModule(LightningModule):
         optimizer.zero_grad()
         sums, num_micro = self.backward_batch(batch)
         grad_norm = self._step_optimizer(optimizer)
-        self._log_training(batch, sums, grad_norm, num_micro, time.perf_counter() - tick)
-        return torch.tensor(sums["loss/layer1"] + self.hparams.layer2_weight * sums["loss/layer2"])
+        loss = self._log_training(batch, sums, grad_norm, num_micro, time.perf_counter() - tick)
+        return torch.tensor(loss)
+
+    def _reduce(self) -> Reduce | None:
+        """Cross-rank reduction through the strategy, or None in a single process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        strategy = self.trainer.strategy
+        return lambda tensor, op: strategy.reduce(tensor, reduce_op=op)
 
     def backward_batch(self, batch: RolloutBatch) -> tuple[dict[str, float], int]:
         """Accumulate the gradient of ``L1 + layer2_weight * L2`` over token-budget micro-batches.
 
         Every micro-batch divides by the whole batch's per-layer counts, so the accumulated gradient equals the
-        full-batch gradient whatever the budget. Returns summed statistics and the number of micro-batches.
+        full-batch gradient whatever the budget. Under data parallelism "the whole batch" is the global batch of all
+        ranks, and each rank's loss is scaled by the number of ranks to undo the strategy's gradient averaging (see
+        ``mgrpo_pl.distributed``). Returns this rank's summed statistics and its number of micro-batches.
         """
         hp = self.hparams
+        reduce = self._reduce()
         counts = completion_mask_counts(batch, hp.mask_truncated)
         # Dr. GRPO's normaliser must be one constant for the whole batch, not each micro-batch's width.
         norm_length = hp.norm_length or max(int(batch.completion_lengths.max()), 1)
-        micro = pack_by_token_budget([len(s) for s in batch.sequences], hp.micro_batch_tokens)
+        counts, norm_length = global_normalisers(counts, norm_length, reduce, self.device)
+        grad_scale = float(self.trainer.world_size) if reduce is not None else 1.0
+        lengths = [len(s) for s in batch.sequences]
+        micro: list[list[int] | None] = list(pack_by_token_budget(lengths, hp.micro_batch_tokens))
+        if reduce is not None and is_sharded(self.policy):
+            # Sharded forwards are collectives: every rank runs as many micro-batches as the busiest one, the
+            # others padding with empty ones (None: a row whose mask is all False, so it adds nothing).
+            most = int(reduce(torch.tensor([len(micro)], device=self.device), "max").item())
+            micro += [None] * (most - len(micro))
         weights = {1: 1.0, 2: hp.layer2_weight}
         sums: dict[str, float] = defaultdict(float)
         pad_id = int(self.tokenizer.pad_token_id)
         if hp.tis_cap is not None and batch.engine_logprobs is None:
             raise ValueError("--model.tis_cap needs the engine's behaviour log-probs, but this rollout batch has none")
+        if hp.beta > 0 and self.reference is None:
+            raise ValueError(
+                f"--model.beta={hp.beta} > 0 needs the frozen reference model, but none is loaded (configure_model "
+                "loads it only when beta > 0); set --model.beta=0 to train without the KL term"
+            )
         for i, rows in enumerate(micro):
-            mb = collate_micro_batch(batch, rows, pad_id, hp.mask_truncated)
+            mb = collate_micro_batch(batch, rows if rows is not None else [0], pad_id, hp.mask_truncated)
+            if rows is None:
+                mb = dataclasses.replace(mb, mask=torch.zeros_like(mb.mask))
             logp = self._completion_logprobs(self.policy, mb)
             ref_logp = None
             if self.reference is not None:
@@ -236,7 +302,9 @@ class MGRPOModule(LightningModule):
                 eps_high=hp.clip_eps_high,
                 is_weights=is_weights,
             )
-            loss = logp.new_zeros(())
+            # A zero still connected to the graph: backward must run even when no row of the whole batch is trained
+            # (every completion empty, or cut under mask_truncated); masked positions cannot leak a NaN into it.
+            loss = torch.where(mb.mask, logp, torch.zeros_like(logp)).sum() * 0.0
             for layer, weight in weights.items():
                 num_seqs, num_tokens = counts[layer]
                 if num_seqs == 0:
@@ -257,7 +325,9 @@ class MGRPOModule(LightningModule):
                     f"non-finite loss {float(loss)} at global step {self.global_step} (micro-batch {i}); "
                     "the weights were not updated"
                 )
-            self._backward(loss, last=i == len(micro) - 1)
+            self._backward(loss * grad_scale, last=i == len(micro) - 1)
+            if rows is None:
+                continue
             tokens = float(mb.mask.sum())
             for key, value in loss_stats(out, mb.mask).items():
                 sums[key] += float(value) * tokens
@@ -281,22 +351,43 @@ class MGRPOModule(LightningModule):
 
     def _no_backward_sync(self) -> contextlib.AbstractContextManager:
         block = getattr(self.trainer.strategy, "block_backward_sync", None)
-        return block() if block is not None else contextlib.nullcontext()
+        if block is not None:
+            return block()
+        if hasattr(self.policy, "set_requires_gradient_sync"):
+            return _fsdp2_no_sync(self.policy)  # FSDP2: accumulate unsharded, reduce-scatter on the last backward
+        return contextlib.nullcontext()
 
     def _step_optimizer(self, optimizer: torch.optim.Optimizer) -> float:
         params = [p for p in self.policy.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        # FSDP2 gradients are sharded DTensors; their norm is one too, and full_tensor() is the global norm.
+        norm_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not math.isfinite(norm_value):
+            raise FloatingPointError(
+                f"non-finite gradient norm {norm_value} at global step {self.global_step}; the weights were not updated"
+            )
         if self.hparams.max_grad_norm is not None and params:
             torch.nn.utils.clip_grads_with_norm_(params, self.hparams.max_grad_norm, grad_norm)
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        return float(grad_norm)
+        return norm_value
 
     def _log_training(
         self, batch: RolloutBatch, sums: dict[str, float], grad_norm: float, num_micro: int, train_s: float
-    ) -> None:
+    ) -> float:
+        """Log the step's values over the global batch (every rank reduces; rank 0's logger writes). Returns the
+        global loss."""
+        reduce = self._reduce()
+        sums = global_sums(sums, reduce, self.device)
+        if reduce is not None:
+            slowest = reduce(torch.tensor([train_s, float(num_micro)], dtype=torch.float64, device=self.device), "max")
+            train_s, num_micro = float(slowest[0]), int(slowest[1])
+            stats = global_rollout_stats(batch, reduce, self.device, ROLLOUT_STAT_NAMES)
+            stats.update({k: v for k, v in batch.stats.items() if k not in ROLLOUT_STAT_NAMES})  # this rank's own
+        else:
+            stats = dict(batch.stats)
         tokens = max(sums["tokens"], 1.0)
         loss = sums["loss/layer1"] + self.hparams.layer2_weight * sums["loss/layer2"]
         values = {
@@ -319,13 +410,14 @@ class MGRPOModule(LightningModule):
         if self.hparams.tis_cap is not None:
             values["train/tis_weight"] = sums["tis_weight"] / tokens
             values["train/tis_capped_frac"] = sums["tis_capped"] / tokens
-        values.update({f"rollout/{k}" if "/" not in k else k: v for k, v in batch.stats.items()})
+        values.update({f"rollout/{k}" if "/" not in k else k: v for k, v in stats.items()})
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch.num_problems)
-        self.log(
-            "reward", batch.stats.get("reward/layer1", 0.0), prog_bar=True, on_step=True, batch_size=batch.num_problems
-        )
+        self.log("reward", stats.get("reward/layer1", 0.0), prog_bar=True, on_step=True, batch_size=batch.num_problems)
         if batch.correct_t2.numel():
-            step = self.train_transitions(batch.correct_t1, batch.correct_t2)
+            # The running metric keeps this rank's counts (summed over ranks when computed); the step's values are
+            # those of the global batch.
+            self.train_transitions.update(batch.correct_t1, batch.correct_t2)
+            step = self._global_transitions(batch, reduce)
             self.log_dict(
                 {f"transitions/{k}": v for k, v in step.items()},
                 on_step=True,
@@ -335,8 +427,20 @@ class MGRPOModule(LightningModule):
             self.log("acc_t1", step["acc_t1"], prog_bar=True, on_step=True, batch_size=batch.num_problems)
             self.log("acc_t2", step["acc_t2"], prog_bar=True, on_step=True, batch_size=batch.num_problems)
         else:
-            acc = batch.correct_t1.float().mean()
+            right = torch.tensor([float(batch.correct_t1.sum()), float(batch.correct_t1.numel())], device=self.device)
+            right = reduce(right, "sum") if reduce is not None else right
+            acc = right[0] / right[1].clamp_min(1)
             self.log("acc_t1", acc, prog_bar=True, on_step=True, batch_size=batch.num_problems)
+        return loss
+
+    def _global_transitions(self, batch: RolloutBatch, reduce: Reduce | None) -> dict[str, Tensor]:
+        """Acc@t1, Acc@t2, Δ, i→c, c→i of this step's (sample, probe) pairs of every rank."""
+        metric = SelfCorrectionMetrics(sync_on_compute=False).to(self.device)
+        metric.update(batch.correct_t1, batch.correct_t2)
+        if reduce is not None:
+            for name in ("total", "correct_t1", "correct_t2", "i2c", "c2i"):
+                setattr(metric, name, reduce(getattr(metric, name).clone(), "sum"))
+        return metric.compute()
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def _eval_name(self, stage: str, dataloader_idx: int) -> str:

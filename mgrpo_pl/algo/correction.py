@@ -46,10 +46,10 @@ class GuidePool:
     def __init__(self, phrases: Sequence[str] = DEFAULT_GUIDE_PHRASES) -> None:
         phrases = tuple(phrases)
         if not phrases:
-            raise ValueError("the guide-phrase pool is empty: give at least one phrase (data.rollout.guide_phrases)")
+            raise ValueError("the guide-phrase pool is empty: give at least one phrase (--data.rollout.guide_phrases)")
         blank = [i for i, p in enumerate(phrases) if not p.strip()]
         if blank:
-            raise ValueError(f"guide phrases at positions {blank} are blank (data.rollout.guide_phrases)")
+            raise ValueError(f"guide phrases at positions {blank} are blank (--data.rollout.guide_phrases)")
         self.phrases = phrases
 
     def __len__(self) -> int:

@@ -146,6 +146,12 @@ class MGRPODataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        # Each data-parallel rank reads (and generates rollouts for) its own shard of every global batch;
+        # batch_size is per rank, as everywhere in Lightning.
+        shard = {"num_replicas": 1, "rank": 0}
+        if self.trainer is not None and self.trainer.world_size > 1:
+            kwargs = self.trainer.strategy.distributed_sampler_kwargs or {}
+            shard = {"num_replicas": int(kwargs.get("num_replicas", 1)), "rank": int(kwargs.get("rank", 0))}
         self._train_loader = ResumableLoader(
             self._problems["train"][0],
             batch_size=self.batch_size,
@@ -153,6 +159,7 @@ class MGRPODataModule(LightningDataModule):
             seed=self.seed,
             collate_fn=_collate,
             num_workers=self.num_workers,
+            **shard,
         )
         return self._train_loader
 
@@ -194,7 +201,7 @@ class MGRPODataModule(LightningDataModule):
             self._restore_pending(pipeline)
             if self._train_loader is not None:
                 self._train_loader.mark_used()
-            return pipeline.rollout(self.engine(), batch)
+            return pipeline.rollout(self.engine(), batch, step=self.trainer.global_step)
         if stage in (RunningStage.VALIDATING, RunningStage.TESTING, RunningStage.SANITY_CHECKING):
             return self.pipeline().evaluate(self.engine(), batch)
         return batch

@@ -24,6 +24,7 @@ JSON from a local download or via ``load_hf``.
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -314,11 +315,20 @@ def load_problems(source: str, *, subset_n: int | None = None, subset_seed: int 
         **kwargs: the loader's own arguments (``path``, ``limit``, ``n``, field names ...).
 
     Raises:
-        ValueError: for an unknown source name (the message lists the known ones).
+        ValueError: for an unknown source name (the message lists the known ones), an option the loader does not
+            take (the message lists those it does), or a missing required option such as ``path``.
     """
     try:
         loader = LOADERS[source]
     except KeyError:
         raise ValueError(f"unknown problem source {source!r}; known: {sorted(LOADERS)}") from None
+    params = inspect.signature(loader).parameters
+    named = {n: p for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    unknown = sorted(set(kwargs) - set(named))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ValueError(f"problem source {source!r} has no option(s) {unknown}; its options are {sorted(named)}")
+    missing = sorted(n for n, p in named.items() if p.default is p.empty and n not in kwargs)
+    if missing:
+        raise ValueError(f"problem source {source!r} needs the option(s) {missing} in its options")
     problems = loader(**kwargs)
     return problems if subset_n is None else subset(problems, subset_n, subset_seed)

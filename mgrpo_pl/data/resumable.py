@@ -16,52 +16,99 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(DistributedSampler):
     """Each epoch's order is a permutation seeded by ``(seed, epoch)``; the first ``skip`` indices can be skipped once.
+
+    Under data parallelism (``num_replicas > 1``) every rank reads its own block of each global batch: with
+    per-rank batch size b, global batch k is ``order[k*W*b : (k+1)*W*b]`` and rank r takes the r-th b-sized block of
+    it, so W ranks together see exactly the batches one process with batch size ``W*b`` would see. The order is
+    padded by wrapping around to a whole number of global batches, so every rank has the same number of batches
+    (a rank that ran out early would leave the others waiting in a collective). With one replica nothing is padded.
+
+    It subclasses ``DistributedSampler`` so that Lightning keeps it as it is instead of wrapping it in its own
+    distributed sampler (which would re-create the loader and lose its resumable state).
 
     Args:
         size: Number of items.
         shuffle: Permute each epoch (else the natural order).
         seed: Base seed of the permutations.
+        batch_size: Items per batch on each rank (the block size of the sharding).
+        num_replicas: Data-parallel ranks.
+        rank: This rank.
     """
 
-    def __init__(self, size: int, shuffle: bool, seed: int) -> None:
+    def __init__(
+        self, size: int, shuffle: bool, seed: int, batch_size: int = 1, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        # DistributedSampler's own init would ask torch.distributed for the world; the fields are set here instead.
         self.size = size
         self.shuffle = shuffle
         self.seed = seed
+        self.batch_size = max(int(batch_size), 1)
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
         self.skip = 0
+        self.drop_last = False
+        span = self.batch_size * num_replicas
+        self.total_size = size if num_replicas == 1 else -(-size // span) * span
+        self.num_samples = self.total_size // num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this at the start of every epoch."""
         self.epoch = epoch
 
     def order(self) -> list[int]:
+        """The global order of this epoch (every rank computes the same one)."""
         if not self.shuffle:
             return list(range(self.size))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.size, generator=generator).tolist()
 
+    def shard(self) -> list[int]:
+        """This rank's indices of this epoch, in order."""
+        order = self.order()
+        if self.num_replicas == 1:
+            return order
+        if order:
+            order = (order * -(-self.total_size // len(order)))[: self.total_size]
+        b, span = self.batch_size, self.batch_size * self.num_replicas
+        first = self.rank * b
+        return [i for start in range(0, len(order), span) for i in order[start + first : start + first + b]]
+
     def __iter__(self) -> Iterator[int]:
         skip, self.skip = self.skip, 0  # a resume skips only within the epoch it happened in
-        return iter(self.order()[skip:])
+        return iter(self.shard()[skip:])
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader over an ``EpochSampler`` whose position survives a checkpoint.
+    """A DataLoader over an ``EpochSampler`` whose position survives a checkpoint; ``num_replicas`` and ``rank``
+    give this rank's shard under data parallelism (see ``EpochSampler``).
 
     ``mark_used()`` must be called once per batch actually consumed; ``state_dict`` records the epoch and that
     count, ``load_state_dict`` makes the next iterator start after the used batches.
     """
 
-    def __init__(self, dataset: Any, batch_size: int, shuffle: bool, seed: int, **kwargs: Any) -> None:
-        self.epoch_sampler = EpochSampler(len(dataset), shuffle, seed)
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        self.epoch_sampler = EpochSampler(len(dataset), shuffle, seed, batch_size, num_replicas, rank)
         # A private generator keeps the iterator's base-seed draw off the global RNG that generation samples from.
         generator = torch.Generator().manual_seed(seed)
         super().__init__(dataset, batch_size=batch_size, sampler=self.epoch_sampler, generator=generator, **kwargs)

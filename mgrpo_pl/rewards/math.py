@@ -227,6 +227,16 @@ class MathReward(Reward):
             return torch.zeros(0, dtype=torch.float32)
         scores, outcomes = self._score_all([str(c) for c in completions], [str(a) for a in answers])
         self._record(outcomes)
+        no_gold = [str(a) for a, outcome in zip(answers, outcomes) if outcome == _NO_GOLD]
+        if no_gold:
+            # Not silent: such a problem scores 0 whatever the model writes, i.e. it is lost to training.
+            logger.warning(
+                "MathReward: math-verify cannot parse the gold answer of %d of %d items, so they score 0 (a data "
+                "problem; first gold: %r)",
+                len(no_gold),
+                len(outcomes),
+                no_gold[0][:200],
+            )
         return torch.tensor(scores, dtype=torch.float32)
 
     def _score_all(self, completions: list[str], answers: list[str]) -> tuple[list[float], list[str]]:

@@ -22,7 +22,8 @@ class RolloutConfig:
         num_corrections: H, samples per kept layer-2 query (one layer-2 GRPO group).
         reuse_probe: Count the verified probe correction as one of the H samples (H-1 new ones are drawn).
             The paper draws H fresh variations, so this is off by default.
-        guide_phrases: The pool p_guide is drawn from; the paper's seven phrases by default.
+        guide_phrases: The pool p_guide is drawn from; the paper's seven phrases by default. May be empty only
+            when nothing draws from it (layer 2 off and a fixed ``eval_guide``).
         guide_separator: Text put between the layer-1 completion and the guide phrase.
         think_close: Cut layer-1 completions before this marker so the guide continues the thinking block
             (reasoning models); None disables the cut.
@@ -41,6 +42,10 @@ class RolloutConfig:
         eval_turn2: ``continue`` (MGRPO's protocol: the guide continues the assistant turn) or ``new_turn`` (the
             guide is a new user message after the turn-1 answer, as in intrinsic self-correction baselines).
         seed: Seed of the guide-phrase draws.
+        seed_per_problem: Draw every problem's samples and guide phrases from a generator seeded by
+            ``(seed, step, problem id)``, so a problem gets the same rollout whichever rank or batch it lands in
+            (data-parallel runs then reproduce a single-process run). Costs one engine call per problem instead of
+            one per batch; applies to engines that sample from torch's RNG (the transformers engine).
     """
 
     num_generations: int = 8
@@ -63,6 +68,7 @@ class RolloutConfig:
     eval_guide: str | None = None
     eval_turn2: Literal["continue", "new_turn"] = "continue"
     seed: int = 0
+    seed_per_problem: bool = False
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -76,6 +82,16 @@ class RolloutConfig:
             raise ValueError("--data.rollout.reuse_probe needs --data.rollout.num_corrections >= 2")
         if self.layer2 and not self.guide_phrases:
             raise ValueError("--data.rollout.guide_phrases is empty but layer 2 is on: give at least one phrase")
+        if not self.guide_phrases and self.eval_guide is None:
+            raise ValueError(
+                "--data.rollout.guide_phrases is empty and --data.rollout.eval_guide is not set: the turn-2 "
+                "evaluation draws its phrase from the pool, so give at least one phrase or set eval_guide"
+            )
+        blank = [i for i, phrase in enumerate(self.guide_phrases) if not phrase.strip()]
+        if blank:
+            raise ValueError(f"--data.rollout.guide_phrases has blank phrases at positions {blank}")
+        if self.eval_guide is not None and not self.eval_guide.strip():
+            raise ValueError("--data.rollout.eval_guide is blank: give the turn-2 phrase, or null to use the pool")
         if self.eval_turn2 == "new_turn" and self.eval_guide is None:
             raise ValueError("--data.rollout.eval_turn2=new_turn needs --data.rollout.eval_guide (the user's prompt)")
         if self.eval_samples < 1:
@@ -88,6 +104,18 @@ class RolloutConfig:
             warnings.warn(
                 "--data.rollout.sampling.temperature is 0 with G > 1: every group's samples are identical, so all "
                 "advantages are 0 and nothing is learned",
+                stacklevel=2,
+            )
+        if self.layer2 and self.num_corrections == 1:
+            warnings.warn(
+                "--data.rollout.num_corrections (H) is 1: every layer-2 group has a single sample, so its advantage "
+                "is 0 and layer 2 trains only through the KL term",
+                stacklevel=2,
+            )
+        elif self.layer2 and self.correction_sampling is not None and self.correction_sampling.greedy:
+            warnings.warn(
+                "--data.rollout.correction_sampling.temperature is 0 with H > 1: every layer-2 group's samples are "
+                "identical, so their advantages are 0 and layer 2 learns nothing",
                 stacklevel=2,
             )
 

@@ -28,9 +28,20 @@ def param_checksum(named_tensors: Iterable[tuple[str, Tensor]]) -> float:
     """A cheap, order-sensitive fingerprint of a set of weights (for on-policy checks, not cryptography)."""
     total = 0.0
     for i, (_, tensor) in enumerate(named_tensors):
-        t = tensor.detach().double()
+        t = tensor.detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()  # a sharded (FSDP2 DTensor) parameter: every rank takes part, in the same order
+        t = t.double()
         total += float(t.sum()) * (1.0 + 1e-3 * i) + float(t.abs().sum())
     return total
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s forward runs collectives: FSDP2 (DTensor parameters), FSDP1 or DeepSpeed ZeRO-3."""
+    for module in model.modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            return True
+    return any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in model.parameters())
 
 
 def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -107,6 +118,13 @@ class TransformersEngine(GenerationEngine):
     on-policy by construction and ``update_weights`` has nothing to copy. With ``share_weights=False`` it keeps
     its own copy, refreshed through ``update_weights`` exactly as an external engine (vLLM) is.
 
+    Sharded policies: when the shared policy is sharded across ranks (FSDP2 / FSDP1 / ZeRO-3), every forward
+    all-gathers parameters, so every rank must run the same number of forwards although each generates for its own
+    problems. The engine is then in ``lockstep``: ``generate`` passes ``synced_gpus=True`` (a rank that finished keeps
+    stepping until all have) and every rank makes the same number of ``generate`` calls per ``generate`` (the
+    largest chunk count of any rank; the others pad with a one-token dummy prompt). Callers must call ``generate``
+    on every rank, with an empty list where a rank has nothing to generate (the rollout pipeline does).
+
     Args:
         model: The policy (a transformers causal LM).
         tokenizer: Its tokenizer; needs a pad token.
@@ -135,6 +153,14 @@ class TransformersEngine(GenerationEngine):
         self.pad_id = int(tokenizer.pad_token_id)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
 
+    @property
+    def lockstep(self) -> bool:
+        """True when generation runs collectives across ranks (a shared, sharded policy under a process group)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+        return is_sharded(self.model)
+
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         if self.shared:
             return
@@ -154,16 +180,26 @@ class TransformersEngine(GenerationEngine):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         was_training = self.model.training
+        lockstep = self.lockstep
         self.model.eval()
         try:
             # Sorting by length before chunking keeps the left padding of each chunk small.
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
             per_call = max(1, self.max_batch_size // n)
             results: dict[int, tuple[list[list[int]], list[bool], list[list[float]] | None]] = {}
-            for start in range(0, len(order), per_call):
-                chunk = order[start : start + per_call]
-                outs = self._generate_chunk([prompts[i] for i in chunk], sampling, n)
-                for j, i in enumerate(chunk):
+            chunks = [order[start : start + per_call] for start in range(0, len(order), per_call)]
+            calls = len(chunks)
+            if lockstep:
+                # Agree on the number of calls before the first one: every call's forwards are collectives.
+                count = torch.tensor([calls], device=next(self.model.parameters()).device)
+                torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+                calls = int(count)
+            for c in range(calls):
+                if c >= len(chunks):  # join the calls of ranks with more chunks; the dummy's output is dropped
+                    self._generate_chunk([[self.end_ids[0] if self.end_ids else self.pad_id]], sampling, 1, True)
+                    continue
+                outs = self._generate_chunk([prompts[i] for i in chunks[c]], sampling, n, lockstep)
+                for j, i in enumerate(chunks[c]):
                     results[i] = tuple(part[j * n : (j + 1) * n] if part is not None else None for part in outs)
         finally:
             self.model.train(was_training)
@@ -174,7 +210,7 @@ class TransformersEngine(GenerationEngine):
         return Generation(token_ids=token_ids, texts=texts, finished=finished, logprobs=logprobs)
 
     def _generate_chunk(
-        self, prompts: list[Sequence[int]], sampling: SamplingConfig, n: int
+        self, prompts: list[Sequence[int]], sampling: SamplingConfig, n: int, synced: bool = False
     ) -> tuple[list[list[int]], list[bool], list[list[float]] | None]:
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
@@ -185,6 +221,8 @@ class TransformersEngine(GenerationEngine):
             attention[row, width - len(prompt) :] = 1
         recorder = _BehaviourLogprobs(sampling.temperature) if self.record_logprobs else None
         kwargs: dict[str, object] = {"do_sample": not sampling.greedy}
+        if synced:
+            kwargs["synced_gpus"] = True  # ranks that finish keep stepping until every rank has (sharded forward)
         if not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         out = self.model.generate(

@@ -27,7 +27,7 @@ from mgrpo_pl.algo.advantages import group_advantages
 from mgrpo_pl.algo.correction import GuidePool, Layer2Plan, build_correction_query, select_verified
 from mgrpo_pl.rollout.config import RolloutConfig
 from mgrpo_pl.rollout.engine import GenerationEngine
-from mgrpo_pl.rollout.types import EvalBatch, Generation, RolloutBatch
+from mgrpo_pl.rollout.types import EvalBatch, Generation, RolloutBatch, SamplingConfig
 
 if TYPE_CHECKING:
     from mgrpo_pl.data.problems import Problem
@@ -64,7 +64,8 @@ class MGRPORollout:
         self.config = config
         self.tokenizer = tokenizer
         self.reward = reward
-        self.guides = GuidePool(config.guide_phrases)
+        # The config allows an empty pool only when nothing draws from it (layer 2 off, a fixed eval_guide).
+        self.guides = GuidePool(config.guide_phrases or [config.eval_guide or ""])
         self.generator = torch.Generator().manual_seed(config.seed)
         # One table of phrases: the training pool, then the fixed evaluation phrase when one is set.
         self.phrases = list(self.guides.phrases) + ([config.eval_guide] if config.eval_guide is not None else [])
@@ -108,11 +109,19 @@ class MGRPORollout:
         return rewards, time.perf_counter() - start
 
     def _queries(
-        self, engine: GenerationEngine, prompts: list[list[int]], first: Generation, per_prompt: int, guide: int | None
+        self,
+        engine: GenerationEngine,
+        prompts: list[list[int]],
+        first: Generation,
+        per_prompt: int,
+        guide: int | None,
+        guides: list[int] | None = None,
     ) -> tuple[list[list[int]], list[int]]:
-        """Correction queries for every layer-1 sample, with the guide index used for each."""
+        """Correction queries for every layer-1 sample, with the guide index used for each (``guides`` when given,
+        else ``guide`` for all, else drawn from the pool)."""
         n = len(first)
-        guides = [guide] * n if guide is not None else self.guides.sample(n, self.generator)
+        if guides is None:
+            guides = [guide] * n if guide is not None else self.guides.sample(n, self.generator)
         queries = [
             build_correction_query(
                 prompts[i // per_prompt], first.token_ids[i], self.guide_ids[g], engine.end_ids, self.think_ids
@@ -127,13 +136,61 @@ class MGRPORollout:
         sep = self.config.guide_separator
         return [f"{a}{sep}{self.phrases[g]} {b}" for a, g, b in zip(first_texts, guides, second.texts)]
 
+    def _problem_seed(self, step: int, problem: Problem, tag: str) -> int:
+        return zlib.crc32(f"{self.config.seed}/{step}/{problem.id}/{tag}".encode())
+
+    @staticmethod
+    def _generate(
+        engine: GenerationEngine,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        n: int,
+        owners: list[int],
+        seeds: list[int] | None,
+    ) -> Generation:
+        """One engine call for all prompts; or, with per-problem ``seeds``, one call per problem (``owners[i]`` is
+        prompt i's problem, non-decreasing) with torch's RNG seeded by that problem's seed.
+
+        An engine whose ranks must move in lockstep (``engine.lockstep``: a sharded policy that generates with
+        collectives) is called even with no prompts, so every rank makes the same calls.
+        """
+        lockstep = bool(getattr(engine, "lockstep", False))
+        if seeds is None:
+            if not prompts and not lockstep:
+                return Generation([], [], [], [])
+            return engine.generate(prompts, sampling, n=n)
+        if any(a > b for a, b in zip(owners, owners[1:])):
+            raise ValueError("prompts must be grouped by problem")
+        parts = []
+        for problem, seed in enumerate(seeds):
+            rows = [i for i, owner in enumerate(owners) if owner == problem]
+            if not rows and not lockstep:
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                if torch.cuda.is_available():
+                    torch.cuda.manual_seed(seed)  # fork_rng restores the CPU state; CUDA sampling needs its own
+                parts.append(engine.generate([prompts[i] for i in rows], sampling, n=n))
+        with_logprobs = bool(parts) and all(part.logprobs is not None for part in parts)
+        return Generation(
+            token_ids=[t for part in parts for t in part.token_ids],
+            texts=[t for part in parts for t in part.texts],
+            finished=[f for part in parts for f in part.finished],
+            logprobs=[lp for part in parts for lp in part.logprobs] if with_logprobs else None,  # type: ignore[union-attr]
+        )
+
     # -- training ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, engine: GenerationEngine, problems: Sequence[Problem]) -> RolloutBatch:
+    def rollout(self, engine: GenerationEngine, problems: Sequence[Problem], step: int = 0) -> RolloutBatch:
+        """The two-layer rollout of one training step; ``step`` (the global step) keys per-problem seeding."""
         c = self.config
         B, G, H = len(problems), c.num_generations, c.num_corrections
         timings = {"generate": 0.0, "reward": 0.0}
         prompts = self.encode(problems)
+        seeds = {
+            tag: [self._problem_seed(step, p, tag) for p in problems] if c.seed_per_problem else None
+            for tag in ("layer1", "probe", "layer2")
+        }
         answers = [p.answer for p in problems for _ in range(G)]
 
         labels = [f"problem {p.id!r} ({p.source or 'no source'})" for p in problems]
@@ -141,7 +198,7 @@ class MGRPORollout:
             engine, prompts, c.sampling.max_new_tokens, labels, "--data.rollout.sampling.max_new_tokens"
         )
         tick = time.perf_counter()
-        first = engine.generate(prompts, c.sampling, n=G)
+        first = self._generate(engine, prompts, c.sampling, G, list(range(B)), seeds["layer1"])
         timings["generate"] += time.perf_counter() - tick
         r1, dt = self._score(first.texts, answers)
         timings["reward"] += dt
@@ -166,7 +223,11 @@ class MGRPORollout:
         ]
 
         if c.layer2:
-            queries, guides = self._queries(engine, prompts, first, G, None)
+            drawn = None
+            if c.seed_per_problem:
+                generators = [torch.Generator().manual_seed(self._problem_seed(step, p, "guide")) for p in problems]
+                drawn = [g for gen in generators for g in self.guides.sample(G, gen)]
+            queries, guides = self._queries(engine, prompts, first, G, None, drawn)
             self._check_context(
                 engine,
                 queries,
@@ -175,7 +236,8 @@ class MGRPORollout:
                 "the layer-2 max_new_tokens (--data.rollout.correction_sampling or sampling)",
             )
             tick = time.perf_counter()
-            probe = engine.generate(queries, c.layer2_sampling, n=1)
+            owners = [i // G for i in range(B * G)]
+            probe = self._generate(engine, queries, c.layer2_sampling, 1, owners, seeds["probe"])
             timings["generate"] += time.perf_counter() - tick
             rp, dt = self._score(self._turn2_texts(first.texts, guides, probe), answers)
             timings["reward"] += dt
@@ -194,7 +256,9 @@ class MGRPORollout:
                 samples[j].update(correction=probe.texts[j], correction_reward=float(rp[j]))
             if K:
                 kept = plan.query_index.tolist()
-                group = self._layer2_groups(engine, queries, kept, probe, first.texts, guides, answers, timings)
+                group = self._layer2_groups(
+                    engine, queries, kept, probe, first.texts, guides, answers, timings, G, seeds["layer2"]
+                )
                 tokens2, texts2, finished2, r2, lp2 = group
                 adv2 = group_advantages(r2.view(K, H), c.advantage_scaling, c.advantage_eps).flatten()
                 for row in range(K * H):
@@ -211,6 +275,9 @@ class MGRPORollout:
                         logprobs = None
                 stats["reward/layer2"] = float(r2.mean())
                 stats["tokens/layer2"] = float(sum(len(t) for t in tokens2))
+            elif getattr(engine, "lockstep", False):
+                # This rank kept nothing, but the others generate: join their collectives with the same calls.
+                self._generate(engine, [], c.layer2_sampling, 1, [], seeds["layer2"])
 
         generated = stats["tokens/layer1"] + stats.get("tokens/probe", 0.0) + stats.get("tokens/layer2", 0.0)
         stats.update(
@@ -248,13 +315,16 @@ class MGRPORollout:
         guides: list[int],
         answers: list[str],
         timings: dict[str, float],
+        group_size: int,
+        seeds: list[int] | None = None,
     ) -> tuple[list[list[int]], list[str], list[bool], Tensor, list[list[float]] | None]:
         """H samples per kept query (the verified probe first when ``reuse_probe``), with their rewards."""
         c = self.config
         H = c.num_corrections
         fresh = H - 1 if c.reuse_probe else H
         tick = time.perf_counter()
-        more = engine.generate([queries[k] for k in kept], c.layer2_sampling, n=fresh)
+        owners = [k // group_size for k in kept]
+        more = self._generate(engine, [queries[k] for k in kept], c.layer2_sampling, fresh, owners, seeds)
         timings["generate"] += time.perf_counter() - tick
         tokens, texts, finished, sources = [], [], [], []
         logprobs: list[list[float]] | None = [] if more.logprobs is not None and probe.logprobs is not None else None
@@ -306,6 +376,9 @@ class MGRPORollout:
         k = c.eval_samples
         prompts = self.encode(problems)
         answers = [p.answer for p in problems for _ in range(k)]
+        flag = "--data.rollout.eval_sampling.max_new_tokens"
+        labels = [f"problem {p.id!r} ({p.source or 'no source'})" for p in problems]
+        self._check_context(engine, prompts, c.eval_sampling.max_new_tokens, labels, flag)
         first = engine.generate(prompts, c.eval_sampling, n=k)
         r1, _ = self._score(first.texts, answers)
         if c.eval_turn2 == "new_turn":
@@ -313,6 +386,8 @@ class MGRPORollout:
             guides = [self.eval_guide_index] * len(first)
         else:
             queries, guides = self._queries(engine, prompts, first, k, self.eval_guide_index)
+        turn2_labels = [f"turn-2 query of {labels[i // k]}" for i in range(len(queries))]
+        self._check_context(engine, queries, c.eval_sampling.max_new_tokens, turn2_labels, flag)
         second = engine.generate(queries, c.eval_sampling, n=1)
         r2, _ = self._score(self._turn2_texts(first.texts, guides, second), answers)
         ok1, ok2 = r1 >= c.correct_threshold, r2 >= c.correct_threshold

@@ -1,0 +1,163 @@
+"""What the ranks of a data-parallel MGRPO step agree on, so that W ranks reproduce one process's step.
+
+Every data-parallel rank makes rollouts for its own shard of the global batch (``EpochSampler``); groups never
+straddle ranks, since a group lives within one problem. For the step to equal the single-process step on the union
+of the shards:
+
+* the loss normalisers (completions and tokens per layer, Dr. GRPO's constant length) are the global ones: summed
+  (the length: the maximum) over ranks, so every rank's loss is its share of the global loss;
+* each rank backpropagates ``data-parallel size x`` its share, because DDP, FSDP and DeepSpeed average gradients
+  over ranks: the average of ``W * share_r`` is the sum of the shares, the global loss's gradient;
+* logged values are global: sums are summed, means weighted by what they average over, wall times are the slowest
+  rank's.
+
+The reductions go through the trainer's strategy (``strategy.reduce``), not a process group of our own; a single
+process passes ``reduce=None`` and everything here is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from mgrpo_pl.rollout.types import RolloutBatch
+
+Reduce = Callable[[Tensor, str], Tensor]
+"""``reduce(tensor, op)`` with op ``"sum"`` or ``"max"``: the tensor reduced over every rank (the same on all)."""
+
+SUM_KEYS = (
+    "loss/layer1",
+    "loss/layer2",
+    "kl_mean",
+    "clip_frac",
+    "clip_frac_low",
+    "clip_frac_high",
+    "ratio_mean",
+    "engine_logprob_gap",
+    "tis_weight",
+    "tis_capped",
+    "tokens",
+)
+"""The training step's summed statistics (``MGRPOModule.backward_batch``); every rank reduces all of them."""
+
+# How each rollout statistic (``RolloutBatch.stats``) combines over ranks: "sum", "max", or "mean:<what>" for a
+# mean over <what> (weighted by this rank's count of it). Unlisted statistics are averaged over ranks.
+ROLLOUT_STAT_RULES = {
+    "reward/layer1": "mean:layer1",
+    "reward/layer2": "mean:layer2",
+    "layer2/probe_accuracy": "mean:layer1",  # one probe per layer-1 sample
+    "layer2/kept_queries": "sum",
+    "layer2/kept_per_problem": "mean:problems",
+    "rollout/truncated_frac": "mean:sequences",
+    "rollout/completion_len": "mean:layer1",
+}
+
+
+def _rule(name: str) -> str:
+    if name in ROLLOUT_STAT_RULES:
+        return ROLLOUT_STAT_RULES[name]
+    if name.startswith("tokens/"):
+        return "sum"
+    if name.startswith("time/"):
+        return "max"
+    return "mean:ranks"
+
+
+def global_normalisers(
+    counts: dict[int, tuple[float, float]], norm_length: int, reduce: Reduce | None, device: torch.device
+) -> tuple[dict[int, tuple[float, float]], int]:
+    """Per-layer (completions, tokens) summed over ranks, and the longest completion of any rank."""
+    if reduce is None:
+        return counts, norm_length
+    layers = sorted(counts)
+    flat = torch.tensor([v for layer in layers for v in counts[layer]], dtype=torch.float64, device=device)
+    flat = reduce(flat, "sum").tolist()
+    longest = int(reduce(torch.tensor([norm_length], dtype=torch.long, device=device), "max").item())
+    return {layer: (flat[2 * i], flat[2 * i + 1]) for i, layer in enumerate(layers)}, longest
+
+
+def global_sums(sums: dict[str, float], reduce: Reduce | None, device: torch.device) -> dict[str, float]:
+    """``SUM_KEYS`` (and anything else in ``sums``, on one process) summed over ranks."""
+    if reduce is None:
+        return {**dict.fromkeys(SUM_KEYS, 0.0), **sums}  # a key no micro-batch set (no layer-2 row...) counts as 0
+    values = torch.tensor([float(sums.get(k, 0.0)) for k in SUM_KEYS], dtype=torch.float64, device=device)
+    return dict(zip(SUM_KEYS, reduce(values, "sum").tolist()))
+
+
+def global_rollout_stats(
+    batch: RolloutBatch, reduce: Reduce | None, device: torch.device, names: list[str] | None = None
+) -> dict[str, float]:
+    """The batch's rollout statistics over the whole global batch (see ``ROLLOUT_STAT_RULES``).
+
+    ``names`` must be the same on every rank (a rank that kept no layer-2 group has no ``reward/layer2``, for
+    instance); a statistic a rank lacks counts with weight 0 there. Defaults to this batch's own names.
+    """
+    stats = batch.stats
+    names = sorted(stats) if names is None else names
+    if reduce is None:
+        return {k: stats[k] for k in names if k in stats}
+    layer = batch.layer.cpu()
+    weights = {
+        "layer1": float((layer == 1).sum()),
+        "layer2": float((layer == 2).sum()),
+        "problems": float(batch.num_problems),
+        "sequences": float(len(batch)),
+        "ranks": 1.0,
+    }
+    sums, maxima = [], []
+    for name in names:
+        rule = _rule(name)
+        present = name in stats
+        if rule == "max":
+            maxima.append(stats[name] if present else float("-inf"))
+            continue
+        weight = 1.0 if rule == "sum" else weights[rule.split(":", 1)[1]]
+        weight = weight if present else 0.0
+        sums += [stats.get(name, 0.0) * weight, weight]
+    summed = reduce(torch.tensor(sums, dtype=torch.float64, device=device), "sum").tolist() if sums else []
+    peaked = reduce(torch.tensor(maxima, dtype=torch.float64, device=device), "max").tolist() if maxima else []
+    out: dict[str, float] = {}
+    for name in names:
+        rule = _rule(name)
+        if rule == "max":
+            value = peaked.pop(0)
+            if value != float("-inf"):
+                out[name] = value
+            continue
+        total, weight = summed.pop(0), summed.pop(0)
+        if weight > 0:
+            out[name] = total if rule == "sum" else total / weight
+    return out
+
+
+ROLLOUT_STAT_NAMES = sorted(
+    [*ROLLOUT_STAT_RULES, "tokens/layer1", "tokens/layer2", "tokens/probe", "tokens/generated"]
+    + ["time/generate_s", "time/reward_s"]
+)
+"""Every statistic the rollout pipeline may report; the names all ranks reduce (so they agree on the tensors)."""
+
+
+def fully_shard_models(models: list[nn.Module], mesh: object) -> None:
+    """FSDP2 (``fully_shard``) over the data-parallel dimension of ``ModelParallelStrategy``'s device mesh: each
+    transformer block (the model's ``_no_split_modules``), then the whole model.
+
+    Raises:
+        ValueError: when the mesh asks for tensor parallelism, which MGRPOModule does not implement.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:  # type: ignore[index]
+        raise ValueError(
+            "MGRPOModule shards with FSDP2 only: set --trainer.strategy.init_args.tensor_parallel_size=1 and "
+            "data_parallel_size to the number of processes (or use --trainer.strategy=fsdp2)"
+        )
+    dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh  # type: ignore[index]
+    for model in models:
+        blocks = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
