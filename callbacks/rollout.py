@@ -102,6 +102,13 @@ def policy_weights(pl_module: LightningModule) -> Iterator[tuple[str, Tensor]]:
         yield _clean_name(name), tensor
 
 
+def _shards_policy(trainer: Trainer) -> bool:
+    """Whether the trainer's strategy shards the policy's parameters across ranks (by class name: DeepSpeed's
+    strategy class is importable only with deepspeed installed)."""
+    names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+    return bool(names & {"ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy"})
+
+
 class RolloutCallback(Callback, RolloutSource):
     """Builds the generation engine and refreshes its weights after every optimizer step.
 
@@ -109,7 +116,10 @@ class RolloutCallback(Callback, RolloutSource):
         engine: ``transformers`` (any device), ``vllm``, or ``auto`` (vLLM when it is installed and has a device,
             else transformers).
         share_weights: For the transformers engine: generate with the policy module itself (no copy, nothing
-            to push). False keeps a separate copy refreshed every step, as an external engine is.
+            to push). False keeps a separate copy refreshed every step, as an external engine is. None (default):
+            share on a single device and under DDP, keep a copy when the strategy shards the policy (FSDP,
+            FSDP2, DeepSpeed), where generating with the sharded module itself runs every forward as a collective
+            in lockstep and, under FSDP2, was measured to drift from the single-process run (docs/strategies.md).
         engine_kwargs: Extra arguments of the engine (e.g. ``max_batch_size``, vLLM's ``gpu_memory_utilization``,
             ``cpu_kv_cache_gib``, ``sleep_mode``). With ``auto``, options the chosen engine lacks are ignored.
     """
@@ -117,7 +127,7 @@ class RolloutCallback(Callback, RolloutSource):
     def __init__(
         self,
         engine: Literal["transformers", "vllm", "auto"] = "transformers",
-        share_weights: bool = True,
+        share_weights: bool | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.kind = engine
@@ -141,7 +151,8 @@ class RolloutCallback(Callback, RolloutSource):
         (load if callable(load) else pl_module.configure_model)()
         kwargs = dict(self.engine_kwargs)
         if self.kind in ("transformers", "auto"):
-            kwargs.setdefault("share_weights", self.share_weights)
+            share = self.share_weights if self.share_weights is not None else not _shards_policy(trainer)
+            kwargs.setdefault("share_weights", share)
         self._engine = build_engine(self.kind, pl_module.policy, pl_module.tokenizer, **kwargs)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -106,18 +106,13 @@ def test_ddp_matches_single_process(single, tiny_model_path, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2_matches_single_process(single, tiny_model_path, tmp_path):
-    # The engine keeps its own whole copy, refreshed from the sharded policy with full_tensor() every step.
-    overlay = tmp_path / "copy_engine.yaml"
-    overlay.write_text(
-        "trainer:\n  callbacks:\n    - class_path: callbacks.RolloutCallback\n      init_args: {share_weights: false}\n"
-    )
+    # By default under FSDP2 the engine keeps its own whole copy, refreshed from the sharded policy with
+    # full_tensor() every step (RolloutCallback's share_weights=None).
     got = _mgrpo_fit(
         tmp_path,
         tiny_model_path,
         "--config",
         str(ROOT / "configs" / "strategies" / "ddp_cpu.yaml"),
-        "--config",
-        str(overlay),
         "--trainer.strategy=fsdp2",
     )
     _assert_same_run(got, single)
@@ -137,11 +132,17 @@ def early_ending_model(tiny_model_path, tmp_path):
 @pytest.mark.slow
 def test_fsdp2_shared_engine_does_not_deadlock_on_different_lengths(early_ending_model, tmp_path):
     """Generation with the sharded policy itself: per-rank lengths, prompt counts and chunk counts all differ."""
+    overlay = tmp_path / "shared_engine.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks:\n    - class_path: callbacks.RolloutCallback\n      init_args: {share_weights: true}\n"
+    )
     got = _mgrpo_fit(
         tmp_path,
         early_ending_model,
         "--config",
         str(ROOT / "configs" / "strategies" / "ddp_cpu.yaml"),
+        "--config",
+        str(overlay),
         "--trainer.strategy=fsdp2",
         "--data.rollout.seed_per_problem=false",  # one engine call per batch: chunk counts follow each rank's K
         timeout=300,
