@@ -4,6 +4,12 @@ Sequences are LEFT-padded so every completion ends in the last column: the model
 last ``max completion length + 1`` positions (``logits_to_keep``), not for the prompt, which for layer-2 queries is
 most of the sequence. Position ids are passed explicitly because left padding would otherwise shift them away
 from the positions used at generation time.
+
+Prefix sharing (``collate_shared_prefix``): GRPO's G samples of a problem share its prompt and MGRPO's H layer-2
+samples share their whole correction query, so a micro-batch can run each distinct prefix once, repeat its key/value
+cache per row, and run only the rows' own suffixes on top (``completion_logits``). Gradients flow back through the
+repeated cache into the one prefix pass, so the loss and its gradient are those of the plain layout; the work saved
+is the prefix tokens of all but one row per group.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from transformers import DynamicCache
 
+from mgrpo_pl.algo.packing import pack_shared_prefix
 from mgrpo_pl.rollout.types import RolloutBatch
 
 
@@ -90,3 +98,162 @@ def collate_micro_batch(batch: RolloutBatch, rows: list[int], pad_id: int, mask_
         engine_logprobs=engine_lp,
         logits_to_keep=keep + 1,
     )
+
+
+@dataclass
+class SharedPrefixMicroBatch:
+    """Tensors for a prefix-sharing forward pass. U distinct prefixes, R rows, P prefix columns, K suffix columns.
+
+    A row's sequence ``prompt ⊕ completion`` is split into the prefix ``prompt[:-1]`` (shared by every row with the
+    same prompt) and the suffix ``prompt[-1] ⊕ completion[:-1]``, whose K logits predict the K completion tokens.
+
+    Attributes:
+        prefix_ids: [U, P] long, left-padded prefixes.
+        prefix_mask: [U, P] long.
+        prefix_positions: [U, P] long.
+        prefix_index: [R] long, the prefix row each row continues.
+        input_ids: [R, K] long, right-padded suffixes.
+        attention_mask: [R, P + K] long, the row's prefix mask followed by its suffix mask.
+        position_ids: [R, K] long, continuing the row's prompt positions.
+        targets: [R, K] long, completion tokens (right-padded with the pad id).
+        mask: [R, K] bool, True on completion tokens that enter the loss.
+        advantages: [R] float.
+        layer: [R] long.
+        engine_logprobs: [R, K] float behaviour log-probs aligned with ``targets`` (0 where absent), or None.
+    """
+
+    prefix_ids: Tensor
+    prefix_mask: Tensor
+    prefix_positions: Tensor
+    prefix_index: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    targets: Tensor
+    mask: Tensor
+    advantages: Tensor
+    layer: Tensor
+    engine_logprobs: Tensor | None
+
+
+def _prompt_keys(batch: RolloutBatch) -> list[int]:
+    """Per sequence, an id shared by exactly the sequences whose prompts are identical."""
+    ids: dict[tuple[int, ...], int] = {}
+    keys = []
+    for seq, plen in zip(batch.sequences, batch.prompt_lengths.tolist()):
+        keys.append(ids.setdefault(tuple(seq[:plen].tolist()), len(ids)))
+    return keys
+
+
+def shared_prefix_plan(batch: RolloutBatch, max_tokens: int) -> list[list[int]] | None:
+    """Micro-batches (row indices) for ``collate_shared_prefix``, or None when sharing cannot apply.
+
+    Sharing needs every prompt to have at least 2 tokens (the prefix is the prompt without its last token) and pays
+    off only when some prompt occurs more than once. ``max_tokens`` bounds the computed tokens per micro-batch:
+    distinct prefixes times the longest prefix plus rows times the longest suffix.
+    """
+    prompt_lengths = batch.prompt_lengths.tolist()
+    if not prompt_lengths or min(prompt_lengths) < 2:
+        return None
+    keys = _prompt_keys(batch)
+    if len(set(keys)) == len(keys):
+        return None
+    suffix = [max(int(c), 1) for c in batch.completion_lengths.tolist()]
+    return pack_shared_prefix(keys, [p - 1 for p in prompt_lengths], suffix, max_tokens)
+
+
+def collate_shared_prefix(
+    batch: RolloutBatch, rows: list[int], pad_id: int, mask_truncated: bool
+) -> SharedPrefixMicroBatch:
+    """Split the chosen sequences into distinct left-padded prefixes and right-padded per-row suffixes."""
+    seqs = [batch.sequences[i] for i in rows]
+    device = seqs[0].device
+    plens = [int(batch.prompt_lengths[i]) for i in rows]
+    comp = [len(s) - p for s, p in zip(seqs, plens)]
+    keep = max(max(comp), 1)
+    slot: dict[tuple[int, ...], int] = {}
+    prefixes: list[Tensor] = []
+    index = []
+    for seq, plen in zip(seqs, plens):
+        key = tuple(seq[: plen - 1].tolist())
+        if key not in slot:
+            slot[key] = len(prefixes)
+            prefixes.append(seq[: plen - 1])
+        index.append(slot[key])
+    width = max(len(p) for p in prefixes)
+    prefix_ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long, device=device)
+    prefix_mask = torch.zeros((len(prefixes), width), dtype=torch.long, device=device)
+    for u, prefix in enumerate(prefixes):
+        prefix_ids[u, width - len(prefix) :] = prefix
+        prefix_mask[u, width - len(prefix) :] = 1
+    prefix_index = torch.tensor(index, dtype=torch.long, device=device)
+    input_ids = torch.full((len(rows), keep), pad_id, dtype=torch.long, device=device)
+    targets = torch.full((len(rows), keep), pad_id, dtype=torch.long, device=device)
+    suffix_mask = torch.zeros((len(rows), keep), dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), keep), dtype=torch.bool, device=device)
+    engine_lp = torch.zeros((len(rows), keep), device=device) if batch.engine_logprobs is not None else None
+    for r, (i, seq, plen) in enumerate(zip(rows, seqs, plens)):
+        # The suffix starts at the prompt's last token: its logit predicts the first completion token.
+        suffix = seq[plen - 1 : -1] if comp[r] else seq[plen - 1 : plen]
+        input_ids[r, : len(suffix)] = suffix
+        suffix_mask[r, : len(suffix)] = 1
+        targets[r, : comp[r]] = seq[plen:]
+        if comp[r] and not (mask_truncated and bool(batch.truncated[i])):
+            mask[r, : comp[r]] = True
+        if engine_lp is not None and comp[r]:
+            engine_lp[r, : comp[r]] = batch.engine_logprobs[i][: comp[r]].to(device)  # type: ignore[index]
+    prompt_len = torch.tensor(plens, dtype=torch.long, device=device)
+    position_ids = (prompt_len - 1)[:, None] + torch.arange(keep, device=device)[None, :]
+    select = torch.tensor(rows, device=batch.advantages.device)
+    return SharedPrefixMicroBatch(
+        prefix_ids=prefix_ids,
+        prefix_mask=prefix_mask,
+        prefix_positions=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
+        prefix_index=prefix_index,
+        input_ids=input_ids,
+        attention_mask=torch.cat([prefix_mask[prefix_index], suffix_mask], dim=1),
+        position_ids=position_ids,
+        targets=targets,
+        mask=mask,
+        advantages=batch.advantages[select],
+        layer=batch.layer[select],
+        engine_logprobs=engine_lp,
+    )
+
+
+def completion_logits(model: nn.Module, mb: MicroBatch | SharedPrefixMicroBatch) -> Tensor:
+    """[R, K, V] logits aligned with ``mb.targets`` (``logits[:, t]`` predicts ``targets[:, t]``), either layout.
+
+    The shared-prefix layout runs each distinct prefix once, repeats its key/value cache to the rows that continue
+    it (an indexing op, so gradients from every row accumulate into the one prefix pass), then runs the suffixes.
+    Needs a transformers model that accepts ``past_key_values`` with gradients (no gradient checkpointing).
+    """
+    if isinstance(mb, MicroBatch):
+        out = model(
+            input_ids=mb.input_ids,
+            attention_mask=mb.attention_mask,
+            position_ids=mb.position_ids,
+            logits_to_keep=mb.logits_to_keep,
+            use_cache=False,
+        )
+        return out.logits[:, :-1]
+    config = getattr(model, "config", None)
+    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    # Only the cache is wanted from the prefix pass; one logit column is the least transformers lets us ask for.
+    model(
+        input_ids=mb.prefix_ids,
+        attention_mask=mb.prefix_mask,
+        position_ids=mb.prefix_positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache.batch_select_indices(mb.prefix_index)
+    out = model(
+        input_ids=mb.input_ids,
+        attention_mask=mb.attention_mask,
+        position_ids=mb.position_ids,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.logits

@@ -34,7 +34,15 @@ from torch import Tensor, nn
 from mgrpo_pl.algo.logprobs import token_logprobs
 from mgrpo_pl.algo.losses import LossAggregation, aggregate, loss_stats, policy_loss, truncated_is_weights
 from mgrpo_pl.algo.packing import pack_by_token_budget
-from mgrpo_pl.batching import MicroBatch, collate_micro_batch, completion_mask_counts
+from mgrpo_pl.batching import (
+    MicroBatch,
+    SharedPrefixMicroBatch,
+    collate_micro_batch,
+    collate_shared_prefix,
+    completion_logits,
+    completion_mask_counts,
+    shared_prefix_plan,
+)
 from mgrpo_pl.distributed import (
     ROLLOUT_STAT_NAMES,
     Reduce,
@@ -88,6 +96,10 @@ class MGRPOModule(LightningModule):
         temperature: Sampling temperature of the rollouts; log-probs are computed at it. Linked from
             ``data.rollout.sampling.temperature`` by the CLI.
         micro_batch_tokens: Padded tokens per forward pass; bounds memory, not the batch.
+        shared_prefix: Run each distinct prompt (layer 1) or correction query (layer 2) once per micro-batch and
+            let the rows that continue it reuse its key/value cache: the same loss and gradient as one row per
+            sequence, without recomputing the G (or H) copies of the prefix. Off by itself under gradient
+            checkpointing and sharded strategies (FSDP, ZeRO-3), and where no prompt repeats.
         max_grad_norm: Gradient-norm clip; None disables it.
         tis_cap: Truncated importance sampling: weight each token's surrogate by ``min(pi_trainer / pi_engine,
             tis_cap)``, correcting for the generation engine's numerics (vLLM) differing from the trainer's. None
@@ -116,6 +128,7 @@ class MGRPOModule(LightningModule):
         norm_length: int | None = None,
         temperature: float = 1.0,
         micro_batch_tokens: int = 8192,
+        shared_prefix: bool = True,
         max_grad_norm: float | None = 1.0,
         tis_cap: float | None = None,
         mask_truncated: bool = False,
@@ -218,16 +231,10 @@ class MGRPOModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- log-probs -----------------------------------------------------------------------------------------------
-    def _completion_logprobs(self, model: nn.Module, mb: MicroBatch) -> Tensor:
-        """[R, K] log-probs of the micro-batch's completion tokens; logits only for the last K+1 positions."""
-        out = model(
-            input_ids=mb.input_ids,
-            attention_mask=mb.attention_mask,
-            position_ids=mb.position_ids,
-            logits_to_keep=mb.logits_to_keep,
-            use_cache=False,
-        )
-        return token_logprobs(out.logits[:, :-1], mb.targets, temperature=self.hparams.temperature)
+    def _completion_logprobs(self, model: nn.Module, mb: MicroBatch | SharedPrefixMicroBatch) -> Tensor:
+        """[R, K] log-probs of the micro-batch's completion tokens (logits only where a completion token is
+        predicted), aligned with ``mb.targets``."""
+        return token_logprobs(completion_logits(model, mb), mb.targets, temperature=self.hparams.temperature)
 
     # -- training ------------------------------------------------------------------------------------------------
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor:
@@ -263,8 +270,13 @@ class MGRPOModule(LightningModule):
         norm_length = hp.norm_length or max(int(batch.completion_lengths.max()), 1)
         counts, norm_length = global_normalisers(counts, norm_length, reduce, self.device)
         grad_scale = float(self.trainer.world_size) if reduce is not None else 1.0
-        lengths = [len(s) for s in batch.sequences]
-        micro: list[list[int] | None] = list(pack_by_token_budget(lengths, hp.micro_batch_tokens))
+        plan = None
+        if hp.shared_prefix and not hp.gradient_checkpointing and not is_sharded(self.policy):
+            plan = shared_prefix_plan(batch, hp.micro_batch_tokens)
+        collate = collate_shared_prefix if plan is not None else collate_micro_batch
+        if plan is None:
+            plan = pack_by_token_budget([len(s) for s in batch.sequences], hp.micro_batch_tokens)
+        micro: list[list[int] | None] = list(plan)
         if reduce is not None and is_sharded(self.policy):
             # Sharded forwards are collectives: every rank runs as many micro-batches as the busiest one, the
             # others padding with empty ones (None: a row whose mask is all False, so it adds nothing).
@@ -281,7 +293,7 @@ class MGRPOModule(LightningModule):
                 "loads it only when beta > 0); set --model.beta=0 to train without the KL term"
             )
         for i, rows in enumerate(micro):
-            mb = collate_micro_batch(batch, rows if rows is not None else [0], pad_id, hp.mask_truncated)
+            mb = collate(batch, rows if rows is not None else [0], pad_id, hp.mask_truncated)
             if rows is None:
                 mb = dataclasses.replace(mb, mask=torch.zeros_like(mb.mask))
             logp = self._completion_logprobs(self.policy, mb)

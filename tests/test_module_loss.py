@@ -134,3 +134,55 @@ def test_truncated_is_reweights_by_the_engine_mismatch(module):
 def test_tis_cap_below_one_names_the_flag(tiny_model_path):
     with pytest.raises(ValueError, match="--model.tis_cap must be >= 1"):
         MGRPOModule(model=str(tiny_model_path), tis_cap=0.5)
+
+
+def _grouped_batch(vocab, seed=0):
+    """2 problems x G=3 layer-1 samples sharing their prompt, and 2 kept queries x H=2 layer-2 samples sharing
+    their whole query (prompt + a layer-1 completion + guide), with ragged completions (one empty, one truncated)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (n,), generator=g) for n in (6, 9)]
+    queries = [torch.randint(3, vocab, (n,), generator=g) for n in (20, 17)]
+    seqs, plens = [], []
+    for p, lens in zip(prompts, ((4, 7, 2), (5, 0, 8))):
+        for n in lens:
+            seqs.append(torch.cat([p, torch.randint(3, vocab, (n,), generator=g)]))
+            plens.append(len(p))
+    for q, lens in zip(queries, ((6, 3), (9, 5))):
+        for n in lens:
+            seqs.append(torch.cat([q, torch.randint(3, vocab, (n,), generator=g)]))
+            plens.append(len(q))
+    return RolloutBatch(
+        sequences=seqs,
+        prompt_lengths=torch.tensor(plens),
+        advantages=torch.randn(10, generator=g),
+        layer=torch.tensor([1] * 6 + [2] * 4),
+        truncated=torch.tensor([False] * 7 + [True] + [False] * 2),
+        rewards=torch.zeros(10),
+        num_problems=2,
+        correct_t1=torch.zeros(6, dtype=torch.bool),
+        correct_t2=torch.zeros(6, dtype=torch.bool),
+    )
+
+
+@pytest.mark.parametrize("budget", [10_000, 60])
+def test_shared_prefix_training_gives_the_plain_gradient(module, budget):
+    from mgrpo_pl.algo.losses import LossAggregation
+    from mgrpo_pl.batching import shared_prefix_plan
+
+    batch = _grouped_batch(len(module.tokenizer))
+    assert shared_prefix_plan(batch, budget) is not None  # the prompts repeat, so sharing applies
+    try:
+        module.hparams.shared_prefix = False
+        plain, sums_plain, _ = _grads(module, batch, budget, LossAggregation.SEQ_MEAN_TOKEN_MEAN, mask_truncated=True)
+        module.hparams.shared_prefix = True
+        shared, sums_shared, n_shared = _grads(
+            module, batch, budget, LossAggregation.SEQ_MEAN_TOKEN_MEAN, mask_truncated=True
+        )
+    finally:
+        module.hparams.shared_prefix = True
+    assert (n_shared > 1) == (budget < 1000)
+    assert sums_shared["tokens"] == sums_plain["tokens"]
+    for key in ("loss/layer1", "loss/layer2", "kl_mean"):
+        assert sums_shared[key] == pytest.approx(sums_plain[key], abs=1e-6), key
+    for name, g in plain.items():
+        torch.testing.assert_close(shared[name], g, atol=1e-5, rtol=1e-4, msg=name)
