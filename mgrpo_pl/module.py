@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -51,10 +48,11 @@ from mgrpo_pl.distributed import (
     global_rollout_stats,
     global_sums,
 )
+from mgrpo_pl.evaluation import TwoTurnEvaluation
 from mgrpo_pl.metrics import SelfCorrectionMetrics
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from mgrpo_pl.rollout.engine import is_sharded
-from mgrpo_pl.rollout.types import EvalBatch, RolloutBatch
+from mgrpo_pl.rollout.types import RolloutBatch
 from mgrpo_pl.schedules import ScheduleName, warmup_schedule
 
 
@@ -80,7 +78,7 @@ def _zero_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-class MGRPOModule(LightningModule):
+class MGRPOModule(TwoTurnEvaluation):
     """Owns the policy and the frozen reference model and computes both MGRPO layers' losses.
 
     Args:
@@ -160,7 +158,6 @@ class MGRPOModule(LightningModule):
         # results_dir is where this run writes, not a property of the model: kept out of the checkpoint, because
         # LightningCLI re-applies a checkpoint's hyper-parameters over the command line on `test --ckpt_path`.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "results_dir"])
-        self.results_dir = results_dir
         self.automatic_optimization = False
         self.model_path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
@@ -170,8 +167,7 @@ class MGRPOModule(LightningModule):
         # The reference lives outside the module tree: not in the optimizer, not in checkpoints, never trained.
         self._reference: list[nn.Module] = []
         self.train_transitions = SelfCorrectionMetrics()
-        self.eval_metrics = nn.ModuleDict()
-        self._eval_records: dict[str, list[dict[str, object]]] = defaultdict(list)
+        self._init_evaluation(results_dir)
 
     # -- models -------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -453,52 +449,3 @@ class MGRPOModule(LightningModule):
             for name in ("total", "correct_t1", "correct_t2", "i2c", "c2i"):
                 setattr(metric, name, reduce(getattr(metric, name).clone(), "sum"))
         return metric.compute()
-
-    # -- evaluation ----------------------------------------------------------------------------------------------
-    def _eval_name(self, stage: str, dataloader_idx: int) -> str:
-        names = getattr(self.trainer.datamodule, f"{stage}_names", None) if self._trainer is not None else None
-        return names[dataloader_idx] if names and dataloader_idx < len(names) else f"set{dataloader_idx}"
-
-    def _eval_step(self, stage: str, batch: EvalBatch, dataloader_idx: int) -> None:
-        if not isinstance(batch, EvalBatch):
-            raise TypeError(f"{stage}_step expects an EvalBatch from MGRPODataModule, got {type(batch).__name__}")
-        name = self._eval_name(stage, dataloader_idx)
-        key = f"{stage}_{name}"
-        if key not in self.eval_metrics:
-            self.eval_metrics[key] = SelfCorrectionMetrics().to(self.device)
-        metric = self.eval_metrics[key]
-        metric.update(batch.correct_t1, batch.correct_t2)
-        self._eval_records[key].extend(batch.records)
-
-    def _eval_epoch_end(self, stage: str) -> None:
-        for key in [k for k in self.eval_metrics if k.startswith(f"{stage}_")]:
-            metric = self.eval_metrics[key]
-            name = key[len(stage) + 1 :]
-            values = metric.compute()
-            self.log_dict({f"{stage}/{name}/{k}": v for k, v in values.items()}, sync_dist=False)
-            metric.reset()
-            self._write_records(key, name, stage)
-
-    def _write_records(self, key: str, name: str, stage: str) -> None:
-        records = self._eval_records.pop(key, [])
-        if not records or self.trainer.sanity_checking:
-            return
-        folder = Path(self.results_dir or (self.trainer.log_dir or "."))
-        folder.mkdir(parents=True, exist_ok=True)
-        suffix = f"_rank{self.global_rank}" if self.trainer.world_size > 1 else ""
-        path = folder / f"{stage}_{name}_step{self.global_step}{suffix}.jsonl"
-        with path.open("w") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-
-    def validation_step(self, batch: EvalBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
-
-    def test_step(self, batch: EvalBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
