@@ -134,6 +134,7 @@ class RolloutCallback(Callback, RolloutSource):
         self.share_weights = share_weights
         self.engine_kwargs = dict(engine_kwargs or {})
         self._engine: GenerationEngine | None = None
+        self._closed = False
         self.push_times: list[float] = []
         self.pushed_checksums: list[float] = []
 
@@ -143,7 +144,7 @@ class RolloutCallback(Callback, RolloutSource):
         return self._engine
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._engine is not None:
+        if self._engine is not None and not self._closed:
             return
         # configure_model may not have run yet at setup; the engine needs the weights. Load them unsharded: a
         # separate engine copy (share_weights=False) must be a whole model, whatever the strategy shards later.
@@ -154,6 +155,7 @@ class RolloutCallback(Callback, RolloutSource):
             share = self.share_weights if self.share_weights is not None else not _shards_policy(trainer)
             kwargs.setdefault("share_weights", share)
         self._engine = build_engine(self.kind, pl_module.policy, pl_module.tokenizer, **kwargs)
+        self._closed = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A resumed run restores the weights after setup: push them before the first rollout.
@@ -182,5 +184,10 @@ class RolloutCallback(Callback, RolloutSource):
         self.pushed_checksums.append(param_checksum(policy_weights(pl_module)))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._engine is not None and stage != "fit":
+        # Every stage releases its engine (a later stage builds a new one): vLLM keeps process-wide state, and an
+        # engine left alive after its fit would break the next engine built in the same process (a script that
+        # trains and then evaluates, or several runs in one session) and keep its KV cache in memory. The object
+        # stays readable (``engine()``) for inspection after the run.
+        if self._engine is not None and not self._closed:
             self._engine.close()
+            self._closed = True

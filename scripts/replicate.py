@@ -7,7 +7,9 @@ From one seed and the same problems it:
 3. evaluates the untrained model with the intrinsic self-correction prompt (turn 2 in a new user message), and the
    two trained checkpoints with MGRPO's protocol (turn 2 continues the answer after a guide phrase);
 4. writes ``table.md`` / ``table.csv`` (Benchmark, Method, Acc@t1, Acc@t2, Δ, Δi→c, Δc→i), ``training.png``
-   (Acc@t1, Acc@t2, Δi→c and Δc→i over the training steps of both runs) and ``run.json`` (command, times, paths).
+   (Acc@t1, Acc@t2, Δi→c and Δc→i over the training steps of both runs), ``run.json`` (command, times, paths) and
+   the per-problem JSONL of each evaluation under ``eval/`` into ``--out``. Checkpoints and TensorBoard logs go to
+   ``--work`` (they are large; ``--reuse-runs`` evaluates the runs found there instead of training again).
 
 The default size is the CPU demo: SmolLM2-135M-Instruct on the bundled single-digit additions, on which it starts at
 about 30% at temperature 0.7 (``scripts/probe_demo_difficulty.py``), so rewards can move. The evaluation set is the
@@ -45,9 +47,24 @@ def _sibling(name: str):  # noqa: ANN202 - a script module
     return __import__(name)
 
 
+def finished_run(root: Path) -> tuple[str, str] | None:
+    """(checkpoint, log folder) of a training run already under ``root``: its last.ckpt, else its newest one."""
+    ckpts = sorted(root.glob("lightning_logs/version_*/checkpoints/*.ckpt"), key=lambda c: c.stat().st_mtime)
+    if not ckpts:
+        return None
+    last = [c for c in ckpts if c.name == "last.ckpt"]
+    ckpt = (last or ckpts)[-1]
+    return str(ckpt), str(ckpt.parent.parent)
+
+
 def train(method: str, configs: list[str], args: argparse.Namespace, extra: list[str]) -> tuple[str, str]:
     """One `mgrpo fit`; returns (checkpoint path, TensorBoard log folder)."""
-    root = Path(args.out) / "runs" / method
+    root = Path(args.work) / method
+    if args.reuse_runs:
+        found = finished_run(root)
+        if found is not None:
+            print(f"{method}: reusing {found[0]}")
+            return found
     argv = ["fit"]
     for config in configs:
         argv += ["--config", config]
@@ -73,7 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
     own = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="the base config")
-    parser.add_argument("--out", default="runs/replication", help="folder for the table, plot and runs")
+    parser.add_argument("--out", default="runs/replication", help="folder for the table, plot and evaluation JSONL")
+    parser.add_argument("--work", default="runs/replication_work", help="folder for checkpoints and training logs")
+    parser.add_argument(
+        "--reuse-runs", action="store_true", help="evaluate the training runs already in --work instead of training"
+    )
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps of each training run")
     parser.add_argument("--val-every", type=int, default=5, help="validate every N steps (curves in the plot)")
     parser.add_argument("--seed", type=int, default=0)

@@ -20,18 +20,19 @@ def test_replication_script_writes_table_plot_and_report(tiny_model_path, tmp_pa
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     out = tmp_path / "replication"
-    report = replicate.main(
-        [
-            f"--config={ROOT / 'configs' / 'tiny.yaml'}",
-            f"--out={out}",
-            "--steps=2",
-            "--val-every=1",
-            "--eval-samples=2",
-            "--test=[{source: arithmetic, name: arith_eval, options: {n: 3, seed: 5, max_value: 9}}]",
-            "--",
-            f"--model.model={tiny_model_path}",
-        ]
-    )
+    work = tmp_path / "work"
+    argv = [
+        f"--config={ROOT / 'configs' / 'tiny.yaml'}",
+        f"--out={out}",
+        f"--work={work}",
+        "--steps=2",
+        "--val-every=1",
+        "--eval-samples=2",
+        "--test=[{source: arithmetic, name: arith_eval, options: {n: 3, seed: 5, max_value: 9}}]",
+        "--",
+        f"--model.model={tiny_model_path}",
+    ]
+    report = replicate.main(argv)
     rows = list(csv.DictReader((out / "table.csv").open()))
     assert [r["method"] for r in rows] == ["Intrinsic self-correction (untrained)", "GRPO", "MGRPO"]
     assert {r["benchmark"] for r in rows} == {"arith_eval"}
@@ -49,3 +50,7 @@ def test_replication_script_writes_table_plot_and_report(tiny_model_path, tmp_pa
     # The two trainings differ only in layer 2: MGRPO logged layer-2 losses, GRPO did not train layer 2.
     grpo_cfg = (Path(saved["log_dirs"]["GRPO"]) / "config.yaml").read_text()
     assert "layer2: false" in grpo_cfg
+    # Evaluating again with --reuse-runs trains nothing: the same checkpoints are evaluated.
+    again = replicate.main(["--reuse-runs", *argv])
+    assert again["checkpoints"] == report["checkpoints"]
+    assert sorted(p.name for p in (work / "GRPO" / "lightning_logs").iterdir()) == ["version_0"]

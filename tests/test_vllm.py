@@ -286,6 +286,26 @@ def test_fit_with_vllm_is_on_policy_every_step(vllm_fit):
     assert float(metrics["train/tis_capped_frac"]) == 0.0
 
 
+@needs_vllm
+def test_a_finished_fit_releases_its_engine_so_another_can_start(vllm_fit, tiny_model_path):
+    """vLLM's state is process-wide: the fit's engine is closed at teardown, so a later engine in the same process
+    (a script that trains, then evaluates) starts and generates."""
+    from callbacks import RolloutCallback
+    from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
+    from mgrpo_pl.rollout.types import SamplingConfig
+    from mgrpo_pl.rollout.vllm_engine import VLLMEngine
+
+    source = next(c for c in vllm_fit.trainer.callbacks if isinstance(c, RolloutCallback))
+    assert getattr(source.engine(), "llm", None) is None  # closed by teardown("fit")
+    model, tokenizer = load_causal_lm(str(tiny_model_path)), load_tokenizer(str(tiny_model_path))
+    engine = VLLMEngine(model, tokenizer, cpu_kv_cache_gib=0.25, max_model_len=512)
+    try:
+        out = engine.generate(_prompts(tokenizer)[:1], SamplingConfig(**GREEDY), n=1)
+        assert len(out.token_ids) == 1 and len(out.token_ids[0]) > 0
+    finally:
+        engine.close()
+
+
 def test_importing_the_package_never_imports_vllm():
     """vLLM is optional: the library, its CLI and its callbacks import without it (checked in a fresh process)."""
     code = "import sys, mgrpo_pl, mgrpo_pl.cli, callbacks; sys.exit('vllm' in sys.modules)"
