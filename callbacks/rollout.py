@@ -161,6 +161,19 @@ class RolloutCallback(Callback, RolloutSource):
         # A resumed run restores the weights after setup: push them before the first rollout.
         self.push(pl_module)
 
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._push_if_stale(pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._push_if_stale(pl_module)
+
+    def _push_if_stale(self, pl_module: LightningModule) -> None:
+        # `mgrpo validate|test --ckpt_path` (and a resumed fit's sanity check) restore the checkpoint after setup
+        # built the engine from the initial weights: push unless the engine already holds the policy's weights
+        # (validation during fit, right after a step's push).
+        if not self.pushed_checksums or self.pushed_checksums[-1] != param_checksum(policy_weights(pl_module)):
+            self.push(pl_module)
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # The batch's rollouts are made; until the push after the optimizer step the engine is idle.
         sleep = getattr(self._engine, "sleep", None)

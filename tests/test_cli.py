@@ -118,3 +118,36 @@ def test_plot_script_draws_the_training_curves(fit_run, tmp_path):
     assert {"transitions/acc_t1", "transitions/acc_t2", "transitions/delta_i2c", "transitions/delta_c2i"} <= set(drawn)
     assert "val/arith_val/acc_t1" in drawn
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_test_from_a_checkpoint_generates_with_the_checkpoint_weights(fit_run, tiny_model_path, tmp_path):
+    """`mgrpo test --ckpt_path` restores the weights after setup built the engine: an engine that keeps its own copy
+    (as vLLM does) must receive them before the first test batch, or it would evaluate the untrained model."""
+    import torch
+
+    from callbacks.rollout import RolloutCallback, policy_weights
+    from mgrpo_pl.rollout.engine import param_checksum
+
+    ckpt = next((fit_run / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
+    overlay = tmp_path / "copy_engine.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks:\n    - class_path: callbacks.RolloutCallback\n      init_args: {share_weights: false}\n"
+    )
+    cli = cli_main(
+        [
+            "test",
+            "--config",
+            "configs/tiny.yaml",
+            "--config",
+            str(overlay),
+            f"--model.model={tiny_model_path}",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--ckpt_path={ckpt}",
+        ]
+    )
+    source = next(c for c in cli.trainer.callbacks if isinstance(c, RolloutCallback))
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    names = [name for name, _ in policy_weights(cli.model)]  # parameters once each (a tied head is not repeated)
+    trained_sum = param_checksum((name, trained[f"policy.{name}"]) for name in names)
+    assert param_checksum(policy_weights(cli.model)) == trained_sum
+    assert source.engine().weights_checksum() == trained_sum
