@@ -326,3 +326,33 @@ def test_without_vllm_the_choice_is_explained_or_falls_back(tiny_model_path, mon
         build_engine("vllm", model, tokenizer)
     engine = build_engine("auto", model, tokenizer, share_weights=False, gpu_memory_utilization=0.5)
     assert isinstance(engine, TransformersEngine) and not engine.shared
+
+
+@needs_vllm
+def test_test_from_a_checkpoint_evaluates_the_checkpoint_weights(vllm_fit, tiny_model_path):
+    """`mgrpo test --ckpt_path` with vLLM: the engine is built before Lightning restores the checkpoint, so the
+    restored weights must be pushed before the first test batch (else the untrained model is evaluated)."""
+    from callbacks import RolloutCallback
+    from callbacks.rollout import policy_weights
+    from mgrpo_pl.cli import cli_main
+    from mgrpo_pl.rollout.engine import param_checksum
+
+    root = Path(vllm_fit.trainer.default_root_dir)
+    ckpt = next(root.glob("lightning_logs/version_*/checkpoints/*.ckpt"))
+    cli = cli_main(
+        [
+            "test",
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            "--config",
+            str(CONFIGS / "tiny_vllm.yaml"),
+            f"--model.model={tiny_model_path}",
+            f"--trainer.default_root_dir={root / 'test'}",
+            f"--ckpt_path={ckpt}",
+        ]
+    )
+    source = next(c for c in cli.trainer.callbacks if isinstance(c, RolloutCallback))
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    names = [name for name, _ in policy_weights(cli.model)]
+    trained_sum = param_checksum((name, trained[f"policy.{name}"]) for name in names)
+    assert source.pushed_checksums == [trained_sum]  # pushed once, before the first test batch
