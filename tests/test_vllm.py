@@ -123,7 +123,7 @@ def test_sampled_rows_are_prompt_major_with_behaviour_logprobs(engines):
     out = engine.generate(prompts, SamplingConfig(max_new_tokens=12, temperature=temperature), n=n)
     assert len(out) == len(prompts) * n and len(out.texts) == len(out) and len(out.logprobs) == len(out)
     for row, ids in enumerate(out.token_ids):
-        assert 1 <= len(ids) <= 12 and len(out.logprobs[row]) == len(ids)
+        assert len(out.logprobs[row]) == len(ids) and 0 < len(ids) <= 12
         assert out.finished[row] == (ids[-1] in engine.end_ids)
         seq = torch.tensor([prompts[row // n] + ids])
         with torch.no_grad():
