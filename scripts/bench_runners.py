@@ -182,6 +182,7 @@ def run_mgrpo(args: argparse.Namespace, layer2: bool) -> dict[str, Any]:
             num_generations=args.num_generations,
             layer2=layer2,
             num_corrections=args.num_corrections,
+            reuse_probe=layer2 and args.reuse_probe,
             sampling=sampling,
             instruction=INSTRUCTION,
             advantage_scaling="group",

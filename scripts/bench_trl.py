@@ -97,6 +97,8 @@ def _child_argv(args: argparse.Namespace, part: str, result: str) -> list[str]:
         argv += ["--l2-pass-rate", str(args.l2_pass_rate)]
     if args.mgrpo_checkpointing:
         argv.append("--mgrpo-checkpointing")
+    if args.reuse_probe:
+        argv.append("--reuse-probe")
     return argv
 
 
@@ -137,6 +139,10 @@ def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out.setdefault("targets", {})["weight_refresh_le_2pct"] = share <= 0.02
         if grpo:
             out["mgrpo_over_grpo_step_time"] = mgrpo["s_per_step"] / grpo["s_per_step"]
+            # How much more work layer 2 adds; a step-time ratio near these means layer 2 costs what layer 1 does
+            # per token, and the rest is the method's own extra work.
+            for key in ("generated_tokens_per_step", "trained_tokens_per_step"):
+                out[f"mgrpo_over_grpo_{key}"] = mgrpo[key] / grpo[key]
             out["targets"]["mgrpo_step_le_2x_grpo"] = out["mgrpo_over_grpo_step_time"] <= 2.0
     return out
 
@@ -184,7 +190,10 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|",
             f"| s/step (MGRPO) | {_fmt(mgrpo['s_per_step'])} |",
             f"| MGRPO / GRPO step time | {_fmt(cmp_.get('mgrpo_over_grpo_step_time'))} |",
-            f"| kept layer-2 queries/step | {_fmt(mgrpo['kept_queries_per_step'], 1)} |",
+            f"| MGRPO / GRPO generated tokens | {_fmt(cmp_.get('mgrpo_over_grpo_generated_tokens_per_step'))} |",
+            f"| MGRPO / GRPO trained tokens | {_fmt(cmp_.get('mgrpo_over_grpo_trained_tokens_per_step'))} |",
+            f"| kept layer-2 queries/step (probe reused: {'yes' if c.get('reuse_probe') else 'no'}) | "
+            f"{_fmt(mgrpo['kept_queries_per_step'], 1)} |",
             f"| layer-2 sequences/step | {_fmt(mgrpo['layer2_sequences_per_step'], 1)} |",
             f"| generated tokens/step | {_fmt(mgrpo['generated_tokens_per_step'], 0)} |",
             f"| weight refresh (s) | {_fmt(mgrpo['weight_refresh_s'], 3)} |",
@@ -237,6 +246,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--max-completion-length", type=int, default=64)
     p.add_argument("--num-corrections", type=int, default=4, help="H, layer-2 samples per kept query (mgrpo part)")
+    p.add_argument(
+        "--reuse-probe", action="store_true", help="mgrpo part: the verified probe is one of the H samples (H-1 new)"
+    )
     p.add_argument("--l2-pass-rate", type=float, default=0.5, help="emulated correct rate in the mgrpo part; <0: real")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-5)

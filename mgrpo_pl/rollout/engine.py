@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from mgrpo_pl.rollout.decoding import sample_completions
 from mgrpo_pl.rollout.types import Generation, SamplingConfig
 
 _log = logging.getLogger(__name__)
@@ -112,7 +113,11 @@ class _BehaviourLogprobs(LogitsProcessor):
 
 
 class TransformersEngine(GenerationEngine):
-    """Batched ``model.generate`` with left padding.
+    """Batched generation with the transformers model itself, left-padded.
+
+    Generation runs ``mgrpo_pl.rollout.decoding.sample_completions``: each distinct prompt is computed once for its
+    n samples, and finished rows leave the batch. A policy that is sharded across ranks uses ``model.generate`` with
+    ``synced_gpus`` instead (see below).
 
     With ``share_weights=True`` (the default) the engine generates with the policy module itself, so it is
     on-policy by construction and ``update_weights`` has nothing to copy. With ``share_weights=False`` it keeps
@@ -212,6 +217,12 @@ class TransformersEngine(GenerationEngine):
     def _generate_chunk(
         self, prompts: list[Sequence[int]], sampling: SamplingConfig, n: int, synced: bool = False
     ) -> tuple[list[list[int]], list[bool], list[list[float]] | None]:
+        if not synced:
+            token_ids, finished, logprobs = sample_completions(
+                self.model, prompts, n, sampling, self.end_ids, self.pad_id
+            )
+            return token_ids, finished, (logprobs if self.record_logprobs else None)
+        # Lockstep: transformers' synced_gpus keeps a rank that has finished stepping until every rank has.
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -220,9 +231,7 @@ class TransformersEngine(GenerationEngine):
             input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
             attention[row, width - len(prompt) :] = 1
         recorder = _BehaviourLogprobs(sampling.temperature) if self.record_logprobs else None
-        kwargs: dict[str, object] = {"do_sample": not sampling.greedy}
-        if synced:
-            kwargs["synced_gpus"] = True  # ranks that finish keep stepping until every rank has (sharded forward)
+        kwargs: dict[str, object] = {"do_sample": not sampling.greedy, "synced_gpus": True}
         if not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         out = self.model.generate(

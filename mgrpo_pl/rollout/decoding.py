@@ -1,0 +1,197 @@
+"""The transformers engine's sampling loop: a shared prompt is computed once, finished rows stop costing compute.
+
+``model.generate(num_return_sequences=n)`` copies every prompt n times before its first forward, so GRPO's G samples
+(and MGRPO's H layer-2 samples, whose prompt is a whole correction query) each recompute the same prompt. It also
+keeps stepping rows that have already ended until the longest is done, and its default cache grows by re-copying
+all keys and values at every step. This loop instead
+
+1. runs each distinct prompt once (all but its last token) and repeats the resulting cache to its n rows;
+2. samples one token per live row per step, writing keys and values into a cache with room reserved up front;
+3. drops finished rows from the batch once enough of them have ended (``compact_below``).
+
+Sampling follows ``SamplingConfig`` only (temperature, then top-k, then top-p, as transformers' warpers order them);
+the model's own generation config (repetition penalty and the like) is not applied, as in the vLLM engine. The
+recorded behaviour log-probs are ``log_softmax(logits / T)`` of the sampled token, before top-k/top-p, which is what
+the trainer recomputes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from mgrpo_pl.rollout.types import SamplingConfig
+
+
+class _ReservedLayer(DynamicLayer):
+    """A full-attention cache layer that writes new keys/values into spare room instead of ``torch.cat``-ing the
+    whole cache at every step (which makes decoding quadratic in memory traffic). ``keys``/``values`` are views of
+    the filled part, so everything that reads a ``DynamicLayer`` reads this one the same way."""
+
+    def __init__(self, reserve: int) -> None:
+        super().__init__()
+        self.reserve = reserve
+        self._k: Tensor | None = None
+        self._v: Tensor | None = None
+        self._len = 0
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new_len = self._len + key_states.shape[-2]
+        if self._k is None or new_len > self._k.shape[-2]:
+            capacity = max(new_len + self.reserve, 2 * (self._k.shape[-2] if self._k is not None else 0))
+            self._k, self._v = (self._grow(old, fresh, capacity) for old, fresh in ((self._k, key_states), (self._v, value_states)))
+        assert self._k is not None and self._v is not None
+        self._k[..., self._len : new_len, :] = key_states
+        self._v[..., self._len : new_len, :] = value_states
+        self._len = new_len
+        self._refresh()
+        return self.keys, self.values  # type: ignore[return-value]
+
+    def _grow(self, old: Tensor | None, like: Tensor, capacity: int) -> Tensor:
+        buf = like.new_empty(*like.shape[:-2], capacity, like.shape[-1])
+        if old is not None and self._len:
+            buf[..., : self._len, :] = old[..., : self._len, :]
+        return buf
+
+    def _refresh(self) -> None:
+        assert self._k is not None and self._v is not None
+        self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._k is not None:
+            self._k, self._v = self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0)
+            self._refresh()
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self._k is not None:
+            self._k, self._v = self._k[indices], self._v[indices]  # type: ignore[index]
+            self._refresh()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the sampling cache is append-only")
+
+
+def new_cache(model: nn.Module, reserve: int) -> DynamicCache:
+    """A cache for ``model`` whose full-attention layers reserve ``reserve`` extra positions; other layer kinds
+    (sliding window, linear attention) keep transformers' own classes."""
+    config = getattr(model, "config", None)
+    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    layers = getattr(cache, "layers", None)
+    if layers:
+        cache.layers = [_ReservedLayer(reserve) if type(layer) is DynamicLayer else layer for layer in layers]
+    return cache
+
+
+def choose_tokens(logits: Tensor, sampling: SamplingConfig) -> tuple[Tensor, Tensor]:
+    """Next token per row from [R, V] logits, and its log-prob under ``log_softmax(logits / T)`` (T = 1 when
+    greedy)."""
+    logits = logits.float()
+    if sampling.greedy:
+        token = logits.argmax(dim=-1)
+        return token, torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1)
+    scaled = logits / sampling.temperature
+    logprob = torch.log_softmax(scaled, dim=-1)
+    filtered = scaled
+    if sampling.top_k and sampling.top_k < filtered.shape[-1]:
+        kth = torch.topk(filtered, sampling.top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the best one always stays).
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= sampling.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        filtered = filtered.masked_fill(drop, float("-inf"))
+    token = torch.multinomial(torch.softmax(filtered, dim=-1), 1).squeeze(1)
+    return token, logprob.gather(1, token[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def sample_completions(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    n: int,
+    sampling: SamplingConfig,
+    end_ids: Sequence[int],
+    pad_id: int,
+    compact_below: float = 0.75,
+) -> tuple[list[list[int]], list[bool], list[list[float]]]:
+    """``n`` completions per prompt, prompt-major: token ids (up to and including the end token), whether an end
+    token was produced, and the behaviour log-prob of each token.
+
+    Args:
+        model: A transformers causal LM that takes ``past_key_values``, ``position_ids`` and a 2-D attention mask.
+        compact_below: Drop finished rows from the batch once the live ones fall to this fraction of it (each drop
+            copies the cache once; until then finished rows keep stepping but nothing of theirs is kept).
+    """
+    if not prompts:
+        return [], [], []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("cannot generate from an empty prompt")
+    device = next(model.parameters()).device
+    steps = sampling.max_new_tokens
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = new_cache(model, reserve=steps + 1)
+    if width > 1:
+        # Everything but each prompt's last token, once per distinct prompt; the last token opens the decode loop.
+        model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+    mask = mask.repeat_interleave(n, dim=0)
+    current = ids[:, -1:].repeat_interleave(n, dim=0)
+    position = positions[:, -1:].repeat_interleave(n, dim=0)
+    rows = len(prompts) * n
+    out = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)
+    out_lp = torch.zeros((rows, steps), device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    end = torch.tensor(list(end_ids), dtype=torch.long, device=device)
+    slot = torch.arange(rows, device=device)  # the output row of each batch row
+    live = torch.ones(rows, dtype=torch.bool, device=device)
+    for step in range(steps):
+        logits = model(
+            input_ids=current, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+        ).logits[:, -1]
+        token, logprob = choose_tokens(logits, sampling)
+        keep = slot[live]
+        out[keep, step] = token[live]
+        out_lp[keep, step] = logprob[live]
+        lengths[keep] = step + 1
+        ended = live & torch.isin(token, end)
+        finished[slot[ended]] = True
+        live &= ~ended
+        alive = int(live.sum())
+        if alive == 0 or step == steps - 1:
+            break
+        current, position = token[:, None], position + 1
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        if alive <= compact_below * len(live):
+            index = live.nonzero().squeeze(1)
+            cache.batch_select_indices(index)
+            current, position, mask, slot = current[index], position[index], mask[index], slot[index]
+            live = torch.ones(alive, dtype=torch.bool, device=device)
+    lengths_list = lengths.tolist()
+    out_list, lp_list = out.cpu().tolist(), out_lp.cpu().tolist()
+    token_ids = [seq[:length] for seq, length in zip(out_list, lengths_list)]
+    logprobs = [lp[:length] for lp, length in zip(lp_list, lengths_list)]
+    return token_ids, finished.tolist(), logprobs
