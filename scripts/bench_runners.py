@@ -183,6 +183,7 @@ def run_mgrpo(args: argparse.Namespace, layer2: bool) -> dict[str, Any]:
             layer2=layer2,
             num_corrections=args.num_corrections,
             reuse_probe=layer2 and args.reuse_probe,
+            joint_layer2=layer2 and args.joint_layer2,
             sampling=sampling,
             instruction=INSTRUCTION,
             advantage_scaling="group",

@@ -99,6 +99,8 @@ def _child_argv(args: argparse.Namespace, part: str, result: str) -> list[str]:
         argv.append("--mgrpo-checkpointing")
     if args.reuse_probe:
         argv.append("--reuse-probe")
+    if args.joint_layer2:
+        argv.append("--joint-layer2")
     return argv
 
 
@@ -192,7 +194,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| MGRPO / GRPO step time | {_fmt(cmp_.get('mgrpo_over_grpo_step_time'))} |",
             f"| MGRPO / GRPO generated tokens | {_fmt(cmp_.get('mgrpo_over_grpo_generated_tokens_per_step'))} |",
             f"| MGRPO / GRPO trained tokens | {_fmt(cmp_.get('mgrpo_over_grpo_trained_tokens_per_step'))} |",
-            f"| kept layer-2 queries/step (probe reused: {'yes' if c.get('reuse_probe') else 'no'}) | "
+            f"| kept layer-2 queries/step (probe reused: {'yes' if c.get('reuse_probe') else 'no'}, "
+            f"joint probe+group generation: {'yes' if c.get('joint_layer2') else 'no'}) | "
             f"{_fmt(mgrpo['kept_queries_per_step'], 1)} |",
             f"| layer-2 sequences/step | {_fmt(mgrpo['layer2_sequences_per_step'], 1)} |",
             f"| generated tokens/step | {_fmt(mgrpo['generated_tokens_per_step'], 0)} |",
@@ -248,6 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-corrections", type=int, default=4, help="H, layer-2 samples per kept query (mgrpo part)")
     p.add_argument(
         "--reuse-probe", action="store_true", help="mgrpo part: the verified probe is one of the H samples (H-1 new)"
+    )
+    p.add_argument(
+        "--joint-layer2", action="store_true", help="mgrpo part: probes and layer-2 groups in one engine call"
     )
     p.add_argument("--l2-pass-rate", type=float, default=0.5, help="emulated correct rate in the mgrpo part; <0: real")
     p.add_argument("--temperature", type=float, default=1.0)

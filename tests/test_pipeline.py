@@ -154,3 +154,45 @@ def test_layer2_query_longer_than_the_context_is_refused(engine_and_tokenizer, m
     monkeypatch.setattr(engine, "max_context", prompt_len + 10)
     with pytest.raises(ValueError, match="layer-2 query of problem 'p0'"):
         MGRPORollout(_config(), tok, ParityReward()).rollout(engine, PROBLEMS[:1])
+
+
+class _CountingEngine:
+    """Counts engine calls and rows; generates with the real engine."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, prompts, sampling, n=1):
+        self.calls.append((len(prompts), n))
+        return self.engine.generate(prompts, sampling, n=n)
+
+
+@pytest.mark.parametrize("reuse_probe", [False, True])
+def test_joint_layer2_draws_probe_and_group_in_one_call(engine_and_tokenizer, reuse_probe):
+    engine, tok = engine_and_tokenizer
+    counting = _CountingEngine(engine)
+    torch.manual_seed(4)
+    reward = ParityReward()
+    batch = MGRPORollout(_config(joint_layer2=True, reuse_probe=reuse_probe), tok, reward).rollout(counting, PROBLEMS)
+    B, G, H = 3, 4, 3
+    per_query = H if reuse_probe else H + 1
+    assert counting.calls == [(B, G), (B * G, per_query)]  # layer 1, then probes and groups together
+    K = int(batch.stats["layer2/kept_queries"])
+    assert K == sum(len(t) % 2 == 0 for t in reward.calls[1])
+    assert 0 < K < B * G, "the parity reward should verify some probes and reject others"
+    assert (batch.layer == 2).sum() == K * H
+    adv2 = batch.advantages[B * G :].view(K, H)
+    torch.testing.assert_close(adv2.sum(1), torch.zeros(K), atol=1e-5, rtol=0)
+    if reuse_probe:
+        assert torch.all(batch.rewards[B * G :].view(K, H)[:, 0] == 1)
+    # Every group's query is one whose probe was verified; all drawn tokens are counted as generated.
+    drawn = batch.stats["tokens/layer2_drawn"]
+    assert drawn >= batch.stats["tokens/layer2"]
+    expected = batch.stats["tokens/layer1"] + batch.stats["tokens/probe"] + drawn
+    assert batch.stats["tokens/generated"] == expected
+    assert len(batch.engine_logprobs) == len(batch)
+    for seq, plen, lp in zip(batch.sequences, batch.prompt_lengths, batch.engine_logprobs):
+        assert len(lp) == len(seq) - plen

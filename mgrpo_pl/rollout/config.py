@@ -22,6 +22,11 @@ class RolloutConfig:
         num_corrections: H, samples per kept layer-2 query (one layer-2 GRPO group).
         reuse_probe: Count the verified probe correction as one of the H samples (H-1 new ones are drawn).
             The paper draws H fresh variations, so this is off by default.
+        joint_layer2: Generate every query's probe together with its group's fresh samples in one engine call, and
+            drop the groups whose probe fails. The samples are the same in distribution (the group never depends on
+            the probe's text, only on whether it was kept), one generation round is saved, but the groups of
+            rejected queries are generated for nothing: it pays where a bigger batch is nearly free (GPU decoding, or
+            small batches on CPU) and the probe pass rate is high.
         guide_phrases: The pool p_guide is drawn from; the paper's seven phrases by default. May be empty only
             when nothing draws from it (layer 2 off and a fixed ``eval_guide``).
         guide_separator: Text put between the layer-1 completion and the guide phrase.
@@ -52,6 +57,7 @@ class RolloutConfig:
     layer2: bool = True
     num_corrections: int = 4
     reuse_probe: bool = False
+    joint_layer2: bool = False
     guide_phrases: list[str] = field(default_factory=lambda: list(DEFAULT_GUIDE_PHRASES))
     guide_separator: str = "\n\n"
     think_close: str | None = "</think>"

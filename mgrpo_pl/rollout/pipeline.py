@@ -237,7 +237,12 @@ class MGRPORollout:
             )
             tick = time.perf_counter()
             owners = [i // G for i in range(B * G)]
-            probe = self._generate(engine, queries, c.layer2_sampling, 1, owners, seeds["probe"])
+            # joint: every query's probe and its group's fresh samples come from one engine call; the fresh
+            # samples of queries whose probe fails are then dropped.
+            fresh = H - 1 if c.reuse_probe else H
+            per_query = 1 + fresh if c.joint_layer2 else 1
+            drawn_l2 = self._generate(engine, queries, c.layer2_sampling, per_query, owners, seeds["probe"])
+            probe, pregenerated = _split_first(drawn_l2, per_query)
             timings["generate"] += time.perf_counter() - tick
             rp, dt = self._score(self._turn2_texts(first.texts, guides, probe), answers)
             timings["reward"] += dt
@@ -250,6 +255,8 @@ class MGRPORollout:
                     "layer2/kept_queries": float(K),
                     "layer2/kept_per_problem": K / B,
                     "tokens/probe": float(probe.num_tokens),
+                    # joint: every query's group was generated, kept or not
+                    "tokens/layer2_drawn": float(pregenerated.num_tokens) if c.joint_layer2 else 0.0,
                 }
             )
             for j in range(min(2, G)):
@@ -257,7 +264,8 @@ class MGRPORollout:
             if K:
                 kept = plan.query_index.tolist()
                 group = self._layer2_groups(
-                    engine, queries, kept, probe, first.texts, guides, answers, timings, G, seeds["layer2"]
+                    engine, queries, kept, probe, first.texts, guides, answers, timings, G, seeds["layer2"],
+                    pregenerated if c.joint_layer2 else None,
                 )
                 tokens2, texts2, finished2, r2, lp2 = group
                 adv2 = group_advantages(r2.view(K, H), c.advantage_scaling, c.advantage_eps).flatten()
@@ -275,11 +283,12 @@ class MGRPORollout:
                         logprobs = None
                 stats["reward/layer2"] = float(r2.mean())
                 stats["tokens/layer2"] = float(sum(len(t) for t in tokens2))
-            elif getattr(engine, "lockstep", False):
+            elif getattr(engine, "lockstep", False) and not c.joint_layer2:
                 # This rank kept nothing, but the others generate: join their collectives with the same calls.
                 self._generate(engine, [], c.layer2_sampling, 1, [], seeds["layer2"])
 
-        generated = stats["tokens/layer1"] + stats.get("tokens/probe", 0.0) + stats.get("tokens/layer2", 0.0)
+        layer2_generated = stats.get("tokens/layer2_drawn") or stats.get("tokens/layer2", 0.0)
+        generated = stats["tokens/layer1"] + stats.get("tokens/probe", 0.0) + layer2_generated
         stats.update(
             {
                 "tokens/generated": generated,
@@ -317,15 +326,20 @@ class MGRPORollout:
         timings: dict[str, float],
         group_size: int,
         seeds: list[int] | None = None,
+        pregenerated: Generation | None = None,
     ) -> tuple[list[list[int]], list[str], list[bool], Tensor, list[list[float]] | None]:
-        """H samples per kept query (the verified probe first when ``reuse_probe``), with their rewards."""
+        """H samples per kept query (the verified probe first when ``reuse_probe``), with their rewards; the fresh
+        ones are generated now, or taken from ``pregenerated`` (``fresh`` rows per query, for every query)."""
         c = self.config
         H = c.num_corrections
         fresh = H - 1 if c.reuse_probe else H
-        tick = time.perf_counter()
-        owners = [k // group_size for k in kept]
-        more = self._generate(engine, [queries[k] for k in kept], c.layer2_sampling, fresh, owners, seeds)
-        timings["generate"] += time.perf_counter() - tick
+        if pregenerated is not None:
+            more = _take(pregenerated, [k * fresh + h for k in kept for h in range(fresh)])
+        else:
+            tick = time.perf_counter()
+            owners = [k // group_size for k in kept]
+            more = self._generate(engine, [queries[k] for k in kept], c.layer2_sampling, fresh, owners, seeds)
+            timings["generate"] += time.perf_counter() - tick
         tokens, texts, finished, sources = [], [], [], []
         logprobs: list[list[float]] | None = [] if more.logprobs is not None and probe.logprobs is not None else None
         for j, k in enumerate(kept):
@@ -411,3 +425,21 @@ class MGRPORollout:
             correct_t2=ok2,
             records=records,
         )
+
+
+def _take(gen: Generation, rows: Sequence[int]) -> Generation:
+    """The given rows of a generation, in that order."""
+    return Generation(
+        token_ids=[gen.token_ids[i] for i in rows],
+        texts=[gen.texts[i] for i in rows],
+        finished=[gen.finished[i] for i in rows],
+        logprobs=[gen.logprobs[i] for i in rows] if gen.logprobs is not None else None,
+    )
+
+
+def _split_first(gen: Generation, per: int) -> tuple[Generation, Generation]:
+    """Split ``per`` rows per query into each query's first row and the others (both query-major)."""
+    if per == 1:
+        return gen, Generation([], [], [], [] if gen.logprobs is not None else None)
+    queries = range(len(gen) // per)
+    return _take(gen, [q * per for q in queries]), _take(gen, [q * per + h for q in queries for h in range(1, per)])
