@@ -238,7 +238,9 @@ class MGRPOModule(TwoTurnEvaluation):
             raise TypeError(f"training_step expects a RolloutBatch from MGRPODataModule, got {type(batch).__name__}")
         tick = time.perf_counter()
         optimizer = self.optimizers()
-        optimizer.zero_grad()
+        # Zeroed, not freed: gradient buffers re-allocated at every backward, amid the activations being freed,
+        # fragment the CPU heap (measured: ~0.1 GiB more peak RSS on the 30M benchmark model).
+        optimizer.zero_grad(set_to_none=False)
         sums, num_micro = self.backward_batch(batch)
         grad_norm = self._step_optimizer(optimizer)
         loss = self._log_training(batch, sums, grad_norm, num_micro, time.perf_counter() - tick)
@@ -292,11 +294,13 @@ class MGRPOModule(TwoTurnEvaluation):
             mb = collate(batch, rows if rows is not None else [0], pad_id, hp.mask_truncated)
             if rows is None:
                 mb = dataclasses.replace(mb, mask=torch.zeros_like(mb.mask))
-            logp = self._completion_logprobs(self.policy, mb)
             ref_logp = None
             if self.reference is not None:
+                # Before the policy's forward: the reference's transient activations are gone by the time the
+                # policy's graph is built, so the two never add up in peak memory.
                 with torch.no_grad():
                     ref_logp = self._completion_logprobs(self.reference, mb)
+            logp = self._completion_logprobs(self.policy, mb)
             is_weights = None
             if hp.tis_cap is not None:
                 is_weights = truncated_is_weights(logp, mb.engine_logprobs, hp.tis_cap)

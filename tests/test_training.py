@@ -104,6 +104,7 @@ def test_no_verified_probe_trains_layer1_only(tiny_model_path):
     torch.manual_seed(0)
     _, _, recorder, _, _ = _fit(tiny_model_path, NeverReward(), steps=2, share_weights=True, beta=0.0)
     assert recorder.kept == [0, 0]
+    assert recorder.generated_with == [None, None]  # the shared engine is on-policy by construction: no fingerprint
     for layer1, layer2, kl in recorder.losses:
         assert math.isfinite(layer1) and layer2 == 0.0 and kl == 0.0
 

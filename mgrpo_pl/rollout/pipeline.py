@@ -311,7 +311,9 @@ class MGRPORollout:
             engine_logprobs=logprobs,
             stats=stats,
             samples=samples,
-            weights_checksum=engine.weights_checksum(),
+            # An engine that generates with the policy module itself is on-policy by construction; fingerprinting
+            # every weight for it would cost a pass over the whole model per step.
+            weights_checksum=None if getattr(engine, "shared", False) else engine.weights_checksum(),
         )
 
     def _layer2_groups(

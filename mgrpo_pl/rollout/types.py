@@ -99,7 +99,8 @@ class RolloutBatch:
         correct_t2: [B*G] bool, its probe correction correct (turn 2); empty when layer 2 is off.
         stats: Scalar statistics of the rollout for logging (rewards, G', tokens, timings).
         samples: A few decoded examples for the completions logger.
-        weights_checksum: Checksum of the engine weights that generated this batch (on-policy checks).
+        weights_checksum: Checksum of the engine weights that generated this batch (on-policy checks); None when the
+            engine generates with the policy module itself (``TransformersEngine(share_weights=True)``).
     """
 
     sequences: list[Tensor]
