@@ -17,6 +17,11 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _print_table(rows: dict[str, dict[str, float]]) -> None:
+    if rows:
+        print("\nSelf-correction metrics (turn 1 -> turn 2)\n" + format_table(rows), flush=True)
+
+
 def _collect(trainer: Trainer, prefix: str) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
     for key, value in trainer.callback_metrics.items():
@@ -38,11 +43,8 @@ class MetricsSummary(Callback):
         if not trainer.is_global_zero:
             return
         rows.update(_collect(trainer, "val"))
-        if rows:
-            print("\nSelf-correction metrics (turn 1 -> turn 2)\n" + format_table(rows), flush=True)
+        _print_table(rows)
 
     @rank_zero_only
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        rows = _collect(trainer, "test")
-        if rows:
-            print("\nSelf-correction metrics (turn 1 -> turn 2)\n" + format_table(rows), flush=True)
+        _print_table(_collect(trainer, "test"))
