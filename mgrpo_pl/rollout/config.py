@@ -126,5 +126,10 @@ class RolloutConfig:
             )
 
     @property
+    def fresh_corrections(self) -> int:
+        """Samples drawn per kept layer-2 query: H, or H-1 when the verified probe is reused as one of them."""
+        return self.num_corrections - 1 if self.reuse_probe else self.num_corrections
+
+    @property
     def layer2_sampling(self) -> SamplingConfig:
         return self.correction_sampling or self.sampling

@@ -39,13 +39,16 @@ class _ReservedLayer(DynamicLayer):
         self._v: Tensor | None = None
         self._len = 0
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object
+    ) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new_len = self._len + key_states.shape[-2]
         if self._k is None or new_len > self._k.shape[-2]:
             capacity = max(new_len + self.reserve, 2 * (self._k.shape[-2] if self._k is not None else 0))
-            self._k, self._v = (self._grow(old, fresh, capacity) for old, fresh in ((self._k, key_states), (self._v, value_states)))
+            self._k = self._grow(self._k, key_states, capacity)
+            self._v = self._grow(self._v, value_states, capacity)
         assert self._k is not None and self._v is not None
         self._k[..., self._len : new_len, :] = key_states
         self._v[..., self._len : new_len, :] = value_states
@@ -112,6 +115,17 @@ def choose_tokens(logits: Tensor, sampling: SamplingConfig) -> tuple[Tensor, Ten
     return token, logprob.gather(1, token[:, None]).squeeze(1)
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """[N, longest] token ids padded on the left, and the matching 0/1 attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def sample_completions(
     model: nn.Module,
@@ -136,13 +150,9 @@ def sample_completions(
         raise ValueError("cannot generate from an empty prompt")
     device = next(model.parameters()).device
     steps = sampling.max_new_tokens
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
+    ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
+    width = ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = new_cache(model, reserve=steps + 1)
     if width > 1:

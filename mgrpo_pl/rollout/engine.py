@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from mgrpo_pl.rollout.decoding import sample_completions
+from mgrpo_pl.rollout.decoding import left_pad, sample_completions
 from mgrpo_pl.rollout.types import Generation, SamplingConfig
 
 _log = logging.getLogger(__name__)
@@ -224,12 +224,8 @@ class TransformersEngine(GenerationEngine):
             return token_ids, finished, (logprobs if self.record_logprobs else None)
         # Lockstep: transformers' synced_gpus keeps a rank that has finished stepping until every rank has.
         device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-            attention[row, width - len(prompt) :] = 1
+        input_ids, attention = left_pad(prompts, self.pad_id)
+        width = input_ids.shape[1]
         recorder = _BehaviourLogprobs(sampling.temperature) if self.record_logprobs else None
         kwargs: dict[str, object] = {"do_sample": not sampling.greedy, "synced_gpus": True}
         if not sampling.greedy:

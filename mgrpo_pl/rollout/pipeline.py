@@ -239,8 +239,7 @@ class MGRPORollout:
             owners = [i // G for i in range(B * G)]
             # joint: every query's probe and its group's fresh samples come from one engine call; the fresh
             # samples of queries whose probe fails are then dropped.
-            fresh = H - 1 if c.reuse_probe else H
-            per_query = 1 + fresh if c.joint_layer2 else 1
+            per_query = 1 + c.fresh_corrections if c.joint_layer2 else 1
             drawn_l2 = self._generate(engine, queries, c.layer2_sampling, per_query, owners, seeds["probe"])
             probe, pregenerated = _split_first(drawn_l2, per_query)
             timings["generate"] += time.perf_counter() - tick
@@ -263,9 +262,9 @@ class MGRPORollout:
                 samples[j].update(correction=probe.texts[j], correction_reward=float(rp[j]))
             if K:
                 kept = plan.query_index.tolist()
+                ready = pregenerated if c.joint_layer2 else None
                 group = self._layer2_groups(
-                    engine, queries, kept, probe, first.texts, guides, answers, timings, G, seeds["layer2"],
-                    pregenerated if c.joint_layer2 else None,
+                    engine, queries, kept, probe, first.texts, guides, answers, timings, G, seeds["layer2"], ready
                 )
                 tokens2, texts2, finished2, r2, lp2 = group
                 adv2 = group_advantages(r2.view(K, H), c.advantage_scaling, c.advantage_eps).flatten()
@@ -333,8 +332,7 @@ class MGRPORollout:
         """H samples per kept query (the verified probe first when ``reuse_probe``), with their rewards; the fresh
         ones are generated now, or taken from ``pregenerated`` (``fresh`` rows per query, for every query)."""
         c = self.config
-        H = c.num_corrections
-        fresh = H - 1 if c.reuse_probe else H
+        fresh = c.fresh_corrections
         if pregenerated is not None:
             more = _take(pregenerated, [k * fresh + h for k in kept for h in range(fresh)])
         else:
@@ -441,7 +439,5 @@ def _take(gen: Generation, rows: Sequence[int]) -> Generation:
 
 def _split_first(gen: Generation, per: int) -> tuple[Generation, Generation]:
     """Split ``per`` rows per query into each query's first row and the others (both query-major)."""
-    if per == 1:
-        return gen, Generation([], [], [], [] if gen.logprobs is not None else None)
     queries = range(len(gen) // per)
     return _take(gen, [q * per for q in queries]), _take(gen, [q * per + h for q in queries for h in range(1, per)])
