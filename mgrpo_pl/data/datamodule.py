@@ -63,8 +63,25 @@ def _as_list(sets: ProblemSet | list[ProblemSet] | None) -> list[ProblemSet]:
     return list(sets) if isinstance(sets, list) else [sets]
 
 
-def _collate(problems: list[Problem]) -> list[Problem]:
-    return problems
+class ProblemBatch:
+    """The problems of one batch, as the data loaders yield them; the datamodule turns them into a rollout.
+
+    Opaque on purpose: before a batch reaches ``on_before_batch_transfer``, Lightning's FSDP, DeepSpeed and
+    true-half precision plugins walk it with ``apply_to_collection`` to cast its tensors, and that refuses a frozen
+    dataclass such as ``Problem`` inside a list. A plain object is passed through untouched.
+    """
+
+    __slots__ = ("problems",)
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+
+def _collate(problems: list[Problem]) -> ProblemBatch:
+    return ProblemBatch(problems)
 
 
 class MGRPODataModule(LightningDataModule):
@@ -193,6 +210,8 @@ class MGRPODataModule(LightningDataModule):
         return self._fallback_engine
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, ProblemBatch):
+            batch = batch.problems
         if self.trainer is None or not isinstance(batch, list):
             return batch
         stage = self.trainer.state.stage
