@@ -37,6 +37,10 @@ from mgrpo_pl.rollout.source import RolloutSource
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
+# Lightning's mixed-precision settings: forwards run under autocast with this dtype over fp32 weights.
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
 def _clean_name(name: str) -> str:
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
@@ -158,14 +162,21 @@ class RolloutCallback(Callback, RolloutSource):
         self._closed = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._place(trainer, pl_module)
         # A resumed run restores the weights after setup: push them before the first rollout.
         self.push(pl_module)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._place(trainer, pl_module)
         self._push_if_stale(pl_module)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._place(trainer, pl_module)
         self._push_if_stale(pl_module)
+
+    def _place(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The engine is built at setup, before the strategy moves the module to its device.
+        self.engine().place(pl_module.device, AUTOCAST_DTYPES.get(str(trainer.precision)))
 
     def _push_if_stale(self, pl_module: LightningModule) -> None:
         # `mgrpo validate|test --ckpt_path` (and a resumed fit's sanity check) restore the checkpoint after setup

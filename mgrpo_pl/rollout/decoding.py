@@ -135,6 +135,7 @@ def sample_completions(
     end_ids: Sequence[int],
     pad_id: int,
     compact_below: float = 0.75,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[list[list[int]], list[bool], list[list[float]]]:
     """``n`` completions per prompt, prompt-major: token ids (up to and including the end token), whether an end
     token was produced, and the behaviour log-prob of each token.
@@ -143,12 +144,28 @@ def sample_completions(
         model: A transformers causal LM that takes ``past_key_values``, ``position_ids`` and a 2-D attention mask.
         compact_below: Drop finished rows from the batch once the live ones fall to this fraction of it (each drop
             copies the cache once; until then finished rows keep stepping but nothing of theirs is kept).
+        autocast_dtype: Run the forwards under ``torch.autocast`` with this dtype (a ``bf16-mixed`` trainer's
+            policy keeps fp32 weights; its training forwards run in bf16, and so should sampling).
     """
     if not prompts:
         return [], [], []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("cannot generate from an empty prompt")
     device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        return _sample(model, prompts, n, sampling, end_ids, pad_id, compact_below, device)
+
+
+def _sample(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    n: int,
+    sampling: SamplingConfig,
+    end_ids: Sequence[int],
+    pad_id: int,
+    compact_below: float,
+    device: torch.device,
+) -> tuple[list[list[int]], list[bool], list[list[float]]]:
     steps = sampling.max_new_tokens
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)

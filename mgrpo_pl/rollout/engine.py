@@ -85,6 +85,11 @@ class GenerationEngine(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
         """Release the engine's resources."""
 
+    def place(self, device: torch.device, autocast_dtype: torch.dtype | None = None) -> None:  # noqa: B027
+        """Follow the trainer: run on ``device`` (where Lightning put the policy) and, under a mixed-precision
+        trainer, generate under ``torch.autocast`` with ``autocast_dtype``. Engines that own their device (vLLM)
+        ignore it."""
+
 
 class _BehaviourLogprobs(LogitsProcessor):
     """Records log p(token) of each sampled token at the sampling temperature.
@@ -157,6 +162,14 @@ class TransformersEngine(GenerationEngine):
         self.end_ids = end_token_ids(model, tokenizer)
         self.pad_id = int(tokenizer.pad_token_id)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
+        self.autocast_dtype: torch.dtype | None = None
+
+    def place(self, device: torch.device, autocast_dtype: torch.dtype | None = None) -> None:
+        # The private copy is made at setup, before Lightning moves the policy to its device; without this it
+        # would stay on the CPU and generate there while the policy trains on the GPU.
+        if not self.shared and next(self.model.parameters()).device != device:
+            self.model.to(device)
+        self.autocast_dtype = autocast_dtype
 
     @property
     def lockstep(self) -> bool:
@@ -219,7 +232,7 @@ class TransformersEngine(GenerationEngine):
     ) -> tuple[list[list[int]], list[bool], list[list[float]] | None]:
         if not synced:
             token_ids, finished, logprobs = sample_completions(
-                self.model, prompts, n, sampling, self.end_ids, self.pad_id
+                self.model, prompts, n, sampling, self.end_ids, self.pad_id, autocast_dtype=self.autocast_dtype
             )
             return token_ids, finished, (logprobs if self.record_logprobs else None)
         # Lockstep: transformers' synced_gpus keeps a rank that has finished stepping until every rank has.
