@@ -160,3 +160,61 @@ def test_non_finite_reward_is_refused(tiny_model_path):
     module, data, trainer = _small_run(tiny_model_path, NanReward(), steps=1)
     with pytest.raises(ValueError, match=r"non-finite values for completions \[1\]"):
         trainer.fit(module, data)
+
+
+def _fit_with_precision(tiny_model_path, precision):
+    module = MGRPOModule(
+        model=str(tiny_model_path),
+        micro_batch_tokens=256,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        lr_schedule="constant",
+    )
+    data = MGRPODataModule(
+        train=ProblemSet("arithmetic", options={"n": 8, "max_value": 9}),
+        batch_size=2,
+        rollout=RolloutConfig(num_generations=2, num_corrections=2, sampling=SamplingConfig(max_new_tokens=6)),
+        reward=ParityReward(),
+    )
+    source, recorder = RolloutCallback(share_weights=False), Recorder()
+    trainer = Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[source, recorder],
+    )
+    trainer.fit(module, data)
+    return source, recorder
+
+
+def test_precision_plugins_that_cast_batches_get_the_problems_through(tiny_model_path):
+    # bf16-true (like FSDP's and DeepSpeed's plugins) casts every tensor of a batch before on_before_batch_transfer;
+    # that walk once refused the loader's list of frozen Problem dataclasses.
+    source, recorder = _fit_with_precision(tiny_model_path, "bf16-true")
+    assert len(recorder.losses) == 1 and all(math.isfinite(x) for x in recorder.losses[0])
+    assert source.engine().autocast_dtype is None
+
+
+def test_mixed_precision_trainer_samples_under_autocast(tiny_model_path):
+    source, recorder = _fit_with_precision(tiny_model_path, "bf16-mixed")
+    assert source.engine().autocast_dtype is torch.bfloat16
+    assert all(math.isfinite(x) for x in recorder.losses[0])
+
+
+def test_shared_prefix_layout_decision():
+    from types import SimpleNamespace
+
+    from mgrpo_pl.module import shared_prefix_allowed
+
+    on = SimpleNamespace(shared_prefix=True, gradient_checkpointing=False)
+    assert shared_prefix_allowed(on, False, "cpu", "bf16-mixed")
+    assert shared_prefix_allowed(on, False, "cuda", "32-true")
+    assert not shared_prefix_allowed(on, False, "cuda", "bf16-mixed")  # NaN gradients measured on an H100
+    assert not shared_prefix_allowed(on, True, "cpu", "32-true")
+    checkpointed = SimpleNamespace(shared_prefix=True, gradient_checkpointing=True)
+    assert not shared_prefix_allowed(checkpointed, False, "cpu", "32-true")
+    off = SimpleNamespace(shared_prefix=False, gradient_checkpointing=False)
+    assert not shared_prefix_allowed(off, False, "cpu", "32-true")
