@@ -26,10 +26,21 @@ QWEN2_30M = {
     "num_key_value_heads": 8,
     "head_dim": 64,
 }
+# A GPU-sized model: Qwen2.5-0.5B's layer shapes (24 layers, grouped KV heads) with the same small vocabulary, ~360M
+# parameters. Random weights never emit the end token, so every completion runs to the length limit on both sides.
+QWEN2_360M = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+}
+BENCH_SHAPES = {BENCH_MODEL: QWEN2_30M, "qwen2-360m": QWEN2_360M}
 
 
 # -- the model both frameworks load -------------------------------------------------------------------------------
-def _build_qwen2_30m(folder: Path) -> None:
+def _build_qwen2(folder: Path, shape: dict[str, int]) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -45,7 +56,7 @@ def _build_qwen2_30m(folder: Path) -> None:
         eos_token_id=eos,
         pad_token_id=pad,
         dtype="float32",
-        **QWEN2_30M,
+        **shape,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -56,15 +67,19 @@ def _build_qwen2_30m(folder: Path) -> None:
 
 
 def prepare_model(name: str, cache_dir: str | None) -> str:
-    """The folder both frameworks load: built once into the cache (the 30M Qwen2), or a name mgrpo_pl resolves."""
+    """The folder both frameworks load: built once into the cache (a ``BENCH_SHAPES`` Qwen2), or a name mgrpo_pl
+    resolves."""
+    from functools import partial
+
     from mgrpo_pl.modeling import default_cache_dir, resolve_model_path
     from mgrpo_pl.modeling.tiny import TINY_RECIPE_VERSION, atomic_build_dir
 
-    if name != BENCH_MODEL:
+    if name not in BENCH_SHAPES:
         return resolve_model_path(name, cache_dir)
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    recipe = {"kind": BENCH_MODEL, "tokenizer_recipe": TINY_RECIPE_VERSION, "shape": QWEN2_30M, "seed": 0}
-    return str(atomic_build_dir(root / BENCH_MODEL, recipe, _build_qwen2_30m))
+    shape = BENCH_SHAPES[name]
+    recipe = {"kind": name, "tokenizer_recipe": TINY_RECIPE_VERSION, "shape": shape, "seed": 0}
+    return str(atomic_build_dir(root / name, recipe, partial(_build_qwen2, shape=shape)))
 
 
 def _problems(args: argparse.Namespace) -> list[Any]:
@@ -75,6 +90,13 @@ def _problems(args: argparse.Namespace) -> list[Any]:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_gpu_bytes() -> int | None:
+    """Most GPU memory the caching allocator handed out in this process, or None on the CPU."""
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
 
 
 def _summarise(ends: list[float], start: float, warmup: int, per_step: list[dict[str, float]]) -> dict[str, Any]:
@@ -170,6 +192,7 @@ def run_mgrpo(args: argparse.Namespace, layer2: bool) -> dict[str, Any]:
         micro_batch_tokens=args.micro_batch_tokens,
         max_grad_norm=1.0,
         gradient_checkpointing=args.mgrpo_checkpointing,
+        shared_prefix=not args.no_shared_prefix,
         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0, fused=True),
         lr_schedule="constant",
         warmup_ratio=0.0,
@@ -198,7 +221,8 @@ def run_mgrpo(args: argparse.Namespace, layer2: bool) -> dict[str, Any]:
     clock = StepClock()
     trainer = Trainer(
         max_steps=args.warmup + args.steps,
-        accelerator="cpu",
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        precision=args.precision,
         devices=1,
         logger=False,
         enable_checkpointing=False,
@@ -303,9 +327,10 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
             scale_rewards="group",
             num_iterations=1,
             use_vllm=False,
-            bf16=False,
+            bf16=args.precision == "bf16-mixed",
             fp16=False,
-            use_cpu=True,
+            use_cpu=args.device == "cpu",
+            gradient_checkpointing=not args.trl_no_checkpointing,
             model_init_kwargs={"dtype": torch.float32},
             max_steps=args.warmup + args.steps,
             shuffle_dataset=False,

@@ -1,4 +1,4 @@
-"""mgrpo_pl against TRL's GRPOTrainer on the same one-round GRPO work, side by side, on this CPU.
+"""mgrpo_pl against TRL's GRPOTrainer on the same one-round GRPO work, side by side, on the CPU or one GPU.
 
 One invocation runs, one after the other and each in its own subprocess (so that peak RSS is per framework):
 
@@ -15,10 +15,11 @@ Equal work (1 vs 2): the same model folder loaded by both, the same prompts ("Wh
 the same max completion length, temperature, AdamW (fused, lr, no weight decay, constant schedule), grad-norm clip 1,
 beta with a separate fp32 reference model, PPO clip epsilon, the same loss normalisation (mean over a completion's
 tokens, then over completions: TRL's ``loss_type="grpo"``), group-scaled advantages, one optimizer step per batch,
-fp32 on the CPU with the same thread count, and the same reward (``mgrpo_pl.rewards.MathReward``, wrapped into TRL's
-reward-function signature). Token counts are real tokens: generated = completion tokens up to and including the
-end-of-turn token (TRL pads every completion of a batch to the longest; padding is not counted), trained = tokens
-under the loss mask (the same set).
+fp32 weights on the same device (``--device``) with the same thread count and precision (``--precision
+bf16-mixed``: forwards under bf16 autocast on both sides), and the same reward (``mgrpo_pl.rewards.MathReward``,
+wrapped into TRL's reward-function signature). Token counts are real tokens: generated = completion tokens up to and
+including the end-of-turn token (TRL pads every completion of a batch to the longest; padding is not counted),
+trained = tokens under the loss mask (the same set).
 
 What differs unavoidably (implementation, not work):
 - Sampling is random: the two frameworks draw different completions, so the real token counts differ a little from
@@ -48,6 +49,7 @@ passes, optimizer, weight refresh, logging: everything); ``--warmup`` steps are 
 Example:
     python scripts/bench_trl.py --out bench.json                  # ~30M random Qwen2, 1 warm-up + 5 steps each
     python scripts/bench_trl.py --model smollm2-135m-instruct --steps 3
+    python scripts/bench_trl.py --device cuda --precision bf16-mixed --model qwen2-360m   # see docs/gpu.md
 """
 
 from __future__ import annotations
@@ -83,7 +85,12 @@ def _child(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()
     runners = _runners()
     result = runners.run_trl(args) if args.only == "trl" else runners.run_mgrpo(args, layer2=args.only == "mgrpo")
-    result.update(peak_rss_bytes=runners.peak_rss_bytes(), loadavg_before=load_before, loadavg_after=os.getloadavg())
+    result.update(
+        peak_rss_bytes=runners.peak_rss_bytes(),
+        peak_gpu_bytes=runners.peak_gpu_bytes(),
+        loadavg_before=load_before,
+        loadavg_after=os.getloadavg(),
+    )
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -91,7 +98,7 @@ def _child_argv(args: argparse.Namespace, part: str, result: str) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--only", part, "--result", result]
     for key in (
         "model_dir threads steps warmup num_generations prompts_per_step max_completion_length num_corrections "
-        "temperature lr beta epsilon micro_batch_tokens reward_workers seed engine"
+        "temperature lr beta epsilon micro_batch_tokens reward_workers seed engine device precision"
     ).split():
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.l2_pass_rate is not None:
@@ -102,6 +109,10 @@ def _child_argv(args: argparse.Namespace, part: str, result: str) -> list[str]:
         argv.append("--reuse-probe")
     if args.joint_layer2:
         argv.append("--joint-layer2")
+    if args.trl_no_checkpointing:
+        argv.append("--trl-no-checkpointing")
+    if args.no_shared_prefix:
+        argv.append("--no-shared-prefix")
     return argv
 
 
@@ -117,7 +128,13 @@ def _run_part(args: argparse.Namespace, part: str) -> dict[str, Any]:
             raise RuntimeError(f"benchmark part {part!r} failed (exit {proc.returncode}):\n{tail}")
         out = json.loads(result.read_text())
     out["process_wall_s"] = time.perf_counter() - tick
-    print(f"[bench] {part}: {out['s_per_step']:.2f} s/step over {out['steps']} steps", file=sys.stderr, flush=True)
+    phases = ("generate_s_per_step", "reward_s_per_step", "train_step_s", "generate_and_score_s_per_step")
+    split = ", ".join(f"{k.split('_s')[0]} {out[k]:.2f} s" for k in phases if k in out)
+    print(
+        f"[bench] {part}: {out['s_per_step']:.2f} s/step over {out['steps']} steps ({split})",
+        file=sys.stderr,
+        flush=True,
+    )
     return out
 
 
@@ -130,7 +147,7 @@ def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     grpo, trl, mgrpo = results.get("grpo"), results.get("trl"), results.get("mgrpo")
     out: dict[str, Any] = {}
     if grpo and trl:
-        keys = ("steps_per_s", "generated_tokens_per_s", "trained_tokens_per_s", "peak_rss_bytes")
+        keys = ("steps_per_s", "generated_tokens_per_s", "trained_tokens_per_s", "peak_rss_bytes", "peak_gpu_bytes")
         out["mgrpo_over_trl"] = {k: _ratio(grpo[k], trl[k]) for k in keys}
         out["targets"] = {
             "steps_per_s_ratio_ge_1.5": out["mgrpo_over_trl"]["steps_per_s"] >= 1.5,
@@ -168,12 +185,14 @@ def markdown(report: dict[str, Any]) -> str:
         ("mean completion length", "completion_len_per_step", 1, 1),
         ("prompt tokens/step", "prompt_tokens_per_step", 0, 1),
         ("peak RSS (GiB)", "peak_rss_bytes", 2, gib),
+        ("peak GPU memory (GiB)", "peak_gpu_bytes", 2, gib),
         ("start-up to first step (s)", "startup_s", 1, 1),
     ]
     c = report["config"]
     lines = [
         f"model `{c['model']}` ({_fmt(grpo.get('parameters', trl.get('parameters', 0)) / 1e6, 1)}M params), "
         f"G={c['num_generations']}, {c['prompts_per_step']} prompts/step, max {c['max_completion_length']} tokens, "
+        f"{c.get('device', 'cpu')} {c.get('precision', '32-true')}, "
         f"{c['threads']} threads, {c['steps']} measured steps after {c['warmup']} warm-up, "
         f"mgrpo_pl engine `{c.get('engine', 'transformers')}`",
         "",
@@ -240,7 +259,9 @@ def markdown(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--model", default=BENCH_MODEL, help=f"{BENCH_MODEL} (default), tiny, smollm2-135m-instruct, a folder"
+        "--model",
+        default=BENCH_MODEL,
+        help=f"{BENCH_MODEL} (default), qwen2-360m (GPU size), tiny, smollm2-135m-instruct, a folder",
     )
     p.add_argument("--cache-dir", default=None, help="model cache root (default: mgrpo_pl's cache)")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of grpo,trl,mgrpo")
@@ -269,11 +290,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--mgrpo-checkpointing", action="store_true", help="gradient checkpointing in mgrpo_pl too")
     p.add_argument(
+        "--no-shared-prefix", action="store_true", help="mgrpo_pl: train every row in the plain padded layout"
+    )
+    p.add_argument(
         "--engine",
         choices=("transformers", "vllm"),
         default="transformers",
         help="mgrpo_pl's generation engine (TRL generates with HF generate on CPU in every case)",
     )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both frameworks train")
+    p.add_argument(
+        "--precision",
+        choices=("32-true", "bf16-mixed"),
+        default="32-true",
+        help="both: fp32 weights; bf16-mixed runs forwards under bf16 autocast (TRL's bf16=True)",
+    )
+    p.add_argument("--trl-no-checkpointing", action="store_true", help="turn off TRL's default gradient checkpointing")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reward-workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

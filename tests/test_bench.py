@@ -77,3 +77,28 @@ def test_comparison_and_layer2_figures(report):
     assert set(cmp_["targets"]) >= {"steps_per_s_ratio_ge_1.5", "peak_rss_le_trl", "weight_refresh_le_2pct"}
     assert len(report["loadavg_end"]) == 3
     assert {part: len(runs) for part, runs in report["rounds"].items()} == {"grpo": 1, "trl": 1, "mgrpo": 1}
+
+
+def test_every_option_reaches_the_part_subprocesses():
+    """Each part runs in a child process: every option of the parent must arrive there unchanged (a device or
+    precision flag that stayed behind once made a GPU benchmark train on the CPU)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_trl
+
+    changed = [
+        "--model-dir=/m", "--threads=3", "--steps=4", "--warmup=2", "--num-generations=3", "--prompts-per-step=5",
+        "--max-completion-length=9", "--num-corrections=6", "--temperature=0.5", "--lr=0.01", "--beta=0.2",
+        "--epsilon=0.3", "--micro-batch-tokens=77", "--reward-workers=2", "--seed=7", "--engine=vllm",
+        "--device=cuda", "--precision=bf16-mixed", "--l2-pass-rate=0.25", "--mgrpo-checkpointing",
+        "--reuse-probe", "--joint-layer2", "--trl-no-checkpointing", "--no-shared-prefix",
+    ]  # fmt: skip
+    parent = bench_trl.parse_args(changed)
+    defaults = bench_trl.parse_args([])
+    orchestration = {"model", "cache_dir", "parts", "repeats", "out", "only", "result", "model_dir"}
+    # Every option the parent has must be one this test changes (so a new option cannot slip through untested).
+    untested = {k for k in vars(parent) if k not in orchestration and getattr(parent, k) == getattr(defaults, k)}
+    assert not untested, f"give these options a non-default value above: {sorted(untested)}"
+    child = bench_trl.parse_args(bench_trl._child_argv(parent, "grpo", "/r.json")[2:])
+    lost = {k: (getattr(parent, k), getattr(child, k)) for k in vars(parent) if k not in orchestration - {"model_dir"}}
+    lost = {k: v for k, v in lost.items() if v[0] != v[1]}
+    assert not lost, f"options the part subprocess did not receive (parent, child): {lost}"
