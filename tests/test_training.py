@@ -29,7 +29,7 @@ class Recorder(Callback):
         self.losses.append((float(m["train/loss_layer1"]), float(m["train/loss_layer2"]), float(m["train/kl"])))
 
 
-def _fit(tiny_model_path, reward, steps=3, share_weights=False, beta=0.05):
+def _fit(tiny_model_path, reward, steps=3, share_weights=False, beta=0.05, precision="32-true"):
     module = MGRPOModule(
         model=str(tiny_model_path),
         beta=beta,
@@ -49,6 +49,7 @@ def _fit(tiny_model_path, reward, steps=3, share_weights=False, beta=0.05):
     trainer = Trainer(
         max_steps=steps,
         accelerator="cpu",
+        precision=precision,
         devices=1,
         logger=False,
         enable_checkpointing=False,
@@ -162,44 +163,16 @@ def test_non_finite_reward_is_refused(tiny_model_path):
         trainer.fit(module, data)
 
 
-def _fit_with_precision(tiny_model_path, precision):
-    module = MGRPOModule(
-        model=str(tiny_model_path),
-        micro_batch_tokens=256,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
-        lr_schedule="constant",
-    )
-    data = MGRPODataModule(
-        train=ProblemSet("arithmetic", options={"n": 8, "max_value": 9}),
-        batch_size=2,
-        rollout=RolloutConfig(num_generations=2, num_corrections=2, sampling=SamplingConfig(max_new_tokens=6)),
-        reward=ParityReward(),
-    )
-    source, recorder = RolloutCallback(share_weights=False), Recorder()
-    trainer = Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[source, recorder],
-    )
-    trainer.fit(module, data)
-    return source, recorder
-
-
 def test_precision_plugins_that_cast_batches_get_the_problems_through(tiny_model_path):
     # bf16-true (like FSDP's and DeepSpeed's plugins) casts every tensor of a batch before on_before_batch_transfer;
     # that walk once refused the loader's list of frozen Problem dataclasses.
-    source, recorder = _fit_with_precision(tiny_model_path, "bf16-true")
+    _, source, recorder, _, _ = _fit(tiny_model_path, ParityReward(), steps=1, precision="bf16-true")
     assert len(recorder.losses) == 1 and all(math.isfinite(x) for x in recorder.losses[0])
     assert source.engine().autocast_dtype is None
 
 
 def test_mixed_precision_trainer_samples_under_autocast(tiny_model_path):
-    source, recorder = _fit_with_precision(tiny_model_path, "bf16-mixed")
+    _, source, recorder, _, _ = _fit(tiny_model_path, ParityReward(), steps=1, precision="bf16-mixed")
     assert source.engine().autocast_dtype is torch.bfloat16
     assert all(math.isfinite(x) for x in recorder.losses[0])
 
