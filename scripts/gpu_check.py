@@ -93,7 +93,8 @@ def check_decoding(cache: str) -> None:
     # different shapes: a few tenths on the rare worst token of this noisy model, a few hundredths on average.
     for label, dtype, worst_ok, mean_ok in (("fp32", None, 1e-4, 1e-5), ("bf16 autocast", torch.bfloat16, 0.3, 0.03)):
         torch.manual_seed(0)
-        tokens, _, behaviour = sample_completions(model, prompts, 4, sampling, end, pad, autocast_dtype=dtype)
+        with torch.autocast(DEVICE, dtype=dtype, enabled=dtype is not None):
+            tokens, _, behaviour = sample_completions(model, prompts, 4, sampling, end, pad)
         gaps = []
         for row, (seq, lps) in enumerate(zip(tokens, behaviour)):
             prompt = prompts[row // 4]

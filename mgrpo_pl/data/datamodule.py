@@ -76,9 +76,6 @@ class ProblemBatch:
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
 
-    def __len__(self) -> int:
-        return len(self.problems)
-
 
 def _collate(problems: list[Problem]) -> ProblemBatch:
     return ProblemBatch(problems)

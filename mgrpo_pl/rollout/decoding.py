@@ -135,7 +135,6 @@ def sample_completions(
     end_ids: Sequence[int],
     pad_id: int,
     compact_below: float = 0.75,
-    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[list[list[int]], list[bool], list[list[float]]]:
     """``n`` completions per prompt, prompt-major: token ids (up to and including the end token), whether an end
     token was produced, and the behaviour log-prob of each token.
@@ -144,68 +143,65 @@ def sample_completions(
         model: A transformers causal LM that takes ``past_key_values``, ``position_ids`` and a 2-D attention mask.
         compact_below: Drop finished rows from the batch once the live ones fall to this fraction of it (each drop
             copies the cache once; until then finished rows keep stepping but nothing of theirs is kept).
-        autocast_dtype: Run the forwards under ``torch.autocast`` with this dtype (a ``bf16-mixed`` trainer's
-            policy keeps fp32 weights; its training forwards run in bf16, and so should sampling).
     """
     if not prompts:
         return [], [], []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("cannot generate from an empty prompt")
     device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        steps = sampling.max_new_tokens
-        ids, mask = left_pad(prompts, pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        width = ids.shape[1]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = new_cache(model, reserve=steps + 1)
-        if width > 1:
-            # Everything but each prompt's last token, once per distinct prompt; the last token opens the decode loop.
-            model(
-                input_ids=ids[:, :-1],
-                attention_mask=mask[:, :-1],
-                position_ids=positions[:, :-1],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            if n > 1:
-                cache.batch_repeat_interleave(n)
-        mask = mask.repeat_interleave(n, dim=0)
-        current = ids[:, -1:].repeat_interleave(n, dim=0)
-        position = positions[:, -1:].repeat_interleave(n, dim=0)
-        rows = len(prompts) * n
-        out = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)
-        out_lp = torch.zeros((rows, steps), device=device)
-        lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        end = torch.tensor(list(end_ids), dtype=torch.long, device=device)
-        slot = torch.arange(rows, device=device)  # the output row of each batch row
-        live = torch.ones(rows, dtype=torch.bool, device=device)
-        for step in range(steps):
-            logits = model(
-                input_ids=current, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
-            ).logits[:, -1]
-            token, logprob = choose_tokens(logits, sampling)
-            keep = slot[live]
-            out[keep, step] = token[live]
-            out_lp[keep, step] = logprob[live]
-            lengths[keep] = step + 1
-            ended = live & torch.isin(token, end)
-            finished[slot[ended]] = True
-            live &= ~ended
-            alive = int(live.sum())
-            if alive == 0 or step == steps - 1:
-                break
-            current, position = token[:, None], position + 1
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            if alive <= compact_below * len(live):
-                index = live.nonzero().squeeze(1)
-                cache.batch_select_indices(index)
-                current, position, mask, slot = current[index], position[index], mask[index], slot[index]
-                live = torch.ones(alive, dtype=torch.bool, device=device)
-        lengths_list = lengths.tolist()
-        out_list, lp_list = out.cpu().tolist(), out_lp.cpu().tolist()
-        token_ids = [seq[:length] for seq, length in zip(out_list, lengths_list)]
-        logprobs = [lp[:length] for lp, length in zip(lp_list, lengths_list)]
-        return token_ids, finished.tolist(), logprobs
+    steps = sampling.max_new_tokens
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    width = ids.shape[1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = new_cache(model, reserve=steps + 1)
+    if width > 1:
+        # Everything but each prompt's last token, once per distinct prompt; the last token opens the decode loop.
+        model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+    mask = mask.repeat_interleave(n, dim=0)
+    current = ids[:, -1:].repeat_interleave(n, dim=0)
+    position = positions[:, -1:].repeat_interleave(n, dim=0)
+    rows = len(prompts) * n
+    out = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)
+    out_lp = torch.zeros((rows, steps), device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    end = torch.tensor(list(end_ids), dtype=torch.long, device=device)
+    slot = torch.arange(rows, device=device)  # the output row of each batch row
+    live = torch.ones(rows, dtype=torch.bool, device=device)
+    for step in range(steps):
+        logits = model(
+            input_ids=current, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+        ).logits[:, -1]
+        token, logprob = choose_tokens(logits, sampling)
+        keep = slot[live]
+        out[keep, step] = token[live]
+        out_lp[keep, step] = logprob[live]
+        lengths[keep] = step + 1
+        ended = live & torch.isin(token, end)
+        finished[slot[ended]] = True
+        live &= ~ended
+        alive = int(live.sum())
+        if alive == 0 or step == steps - 1:
+            break
+        current, position = token[:, None], position + 1
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        if alive <= compact_below * len(live):
+            index = live.nonzero().squeeze(1)
+            cache.batch_select_indices(index)
+            current, position, mask, slot = current[index], position[index], mask[index], slot[index]
+            live = torch.ones(alive, dtype=torch.bool, device=device)
+    lengths_list = lengths.tolist()
+    out_list, lp_list = out.cpu().tolist(), out_lp.cpu().tolist()
+    token_ids = [seq[:length] for seq, length in zip(out_list, lengths_list)]
+    logprobs = [lp[:length] for lp, length in zip(lp_list, lengths_list)]
+    return token_ids, finished.tolist(), logprobs

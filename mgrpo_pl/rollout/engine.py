@@ -171,6 +171,12 @@ class TransformersEngine(GenerationEngine):
             self.model.to(device)
         self.autocast_dtype = autocast_dtype
 
+    def _autocast(self) -> torch.autocast:
+        """The trainer's mixed-precision context (set by ``place``), for both sampling paths; off by default."""
+        device_type = next(self.model.parameters()).device.type
+        dtype = self.autocast_dtype
+        return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
     @property
     def lockstep(self) -> bool:
         """True when generation runs collectives across ranks (a shared, sharded policy under a process group)."""
@@ -214,9 +220,11 @@ class TransformersEngine(GenerationEngine):
                 calls = int(count)
             for c in range(calls):
                 if c >= len(chunks):  # join the calls of ranks with more chunks; the dummy's output is dropped
-                    self._generate_chunk([[self.end_ids[0] if self.end_ids else self.pad_id]], sampling, 1, True)
+                    with self._autocast():
+                        self._generate_chunk([[self.end_ids[0] if self.end_ids else self.pad_id]], sampling, 1, True)
                     continue
-                outs = self._generate_chunk([prompts[i] for i in chunks[c]], sampling, n, lockstep)
+                with self._autocast():
+                    outs = self._generate_chunk([prompts[i] for i in chunks[c]], sampling, n, lockstep)
                 for j, i in enumerate(chunks[c]):
                     results[i] = tuple(part[j * n : (j + 1) * n] if part is not None else None for part in outs)
         finally:
@@ -232,7 +240,7 @@ class TransformersEngine(GenerationEngine):
     ) -> tuple[list[list[int]], list[bool], list[list[float]] | None]:
         if not synced:
             token_ids, finished, logprobs = sample_completions(
-                self.model, prompts, n, sampling, self.end_ids, self.pad_id, autocast_dtype=self.autocast_dtype
+                self.model, prompts, n, sampling, self.end_ids, self.pad_id
             )
             return token_ids, finished, (logprobs if self.record_logprobs else None)
         # Lockstep: transformers' synced_gpus keeps a rank that has finished stepping until every rank has.
