@@ -124,8 +124,10 @@ class RolloutCallback(Callback, RolloutSource):
             share on a single device and under DDP, keep a copy when the strategy shards the policy (FSDP,
             FSDP2, DeepSpeed), where generating with the sharded module itself runs every forward as a collective
             in lockstep and, under FSDP2, was measured to drift from the single-process run (docs/strategies.md).
-        engine_kwargs: Extra arguments of the engine (e.g. ``max_batch_size``, vLLM's ``gpu_memory_utilization``,
-            ``cpu_kv_cache_gib``, ``sleep_mode``). With ``auto``, options the chosen engine lacks are ignored.
+            A ``dtype`` in ``engine_kwargs`` that differs from the policy's also means a copy.
+        engine_kwargs: Extra arguments of the engine (e.g. ``dtype: bfloat16`` to sample in bf16 from an fp32
+            policy, ``max_batch_size``, vLLM's ``gpu_memory_utilization``, ``cpu_kv_cache_gib``, ``sleep_mode``).
+            With ``auto``, options the chosen engine lacks are ignored.
     """
 
     def __init__(
@@ -156,7 +158,10 @@ class RolloutCallback(Callback, RolloutSource):
         (load if callable(load) else pl_module.configure_model)()
         kwargs = dict(self.engine_kwargs)
         if self.kind in ("transformers", "auto"):
-            share = self.share_weights if self.share_weights is not None else not _shards_policy(trainer)
+            share = self.share_weights
+            if share is None and _shards_policy(trainer):
+                share = False
+            # Still None: the engine decides from its dtype (another precision than the policy's means a copy).
             kwargs.setdefault("share_weights", share)
         self._engine = build_engine(self.kind, pl_module.policy, pl_module.tokenizer, **kwargs)
         self._closed = False

@@ -214,10 +214,12 @@ def run_mgrpo(args: argparse.Namespace, layer2: bool) -> dict[str, Any]:
         reward=reward,
         shuffle=False,
     )
-    engine_kwargs = {"max_model_len": 2048, "cpu_kv_cache_gib": 1.0} if args.engine == "vllm" else {}
-    # The transformers engine shares the policy in the GRPO part; the MGRPO part keeps a copy so that the per-step
-    # weight refresh is a real copy whose time is measured. vLLM always gets a real push.
-    source = RolloutCallback(engine=args.engine, share_weights=not layer2, engine_kwargs=engine_kwargs)
+    engine_kwargs: dict[str, Any] = {"max_model_len": 2048, "cpu_kv_cache_gib": 1.0} if args.engine == "vllm" else {}
+    if args.engine_dtype is not None:
+        engine_kwargs["dtype"] = args.engine_dtype
+    # The transformers engine shares the policy in the GRPO part (unless it samples in another dtype); the MGRPO part
+    # keeps a copy so that the per-step weight refresh is a real copy whose time is measured. vLLM always gets a push.
+    source = RolloutCallback(engine=args.engine, share_weights=False if layer2 else None, engine_kwargs=engine_kwargs)
     clock = StepClock()
     trainer = Trainer(
         max_steps=args.warmup + args.steps,
@@ -243,8 +245,9 @@ def run_mgrpo(args: argparse.Namespace, layer2: bool) -> dict[str, Any]:
     out.update(
         framework="mgrpo_pl",
         layer2=layer2,
-        share_weights=not layer2 and args.engine == "transformers",
+        share_weights=bool(getattr(source.engine(), "shared", False)),
         engine=args.engine,
+        engine_dtype=args.engine_dtype,
         weight_refresh_s=sum(pushes) / max(len(pushes), 1),
         train_step_s=sum(phases) / len(phases) - sum(pushes) / max(len(pushes), 1),
         startup_s=clock.start - t0,

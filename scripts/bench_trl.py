@@ -35,6 +35,10 @@ What differs unavoidably (implementation, not work):
 - Advantage epsilon: TRL divides by ``std + 1e-4``, mgrpo_pl by ``std + 1e-6`` (no cost difference).
 - The trainers' own overheads (Lightning loop and logging vs HF Trainer loop and logging) are part of what is timed.
 
+``--engine-dtype bfloat16`` is not equal work: mgrpo_pl then samples from a bf16 copy of the fp32 policy (as a vLLM
+engine serving in bf16 does) while TRL samples with its fp32 model. The loss is the same (the trainer recomputes every
+log-prob with its fp32 weights), but the samples come from a slightly different distribution. Report it apart.
+
 The layer-2 run (3) uses an emulated reward by default (``--l2-pass-rate``): math-verify scores every completion (so
 its cost is paid) and a deterministic coin on the text then decides the outcome with that rate, because a random
 model never answers correctly and layer 2 would keep no query, making the MGRPO step look as cheap as GRPO's.
@@ -101,6 +105,8 @@ def _child_argv(args: argparse.Namespace, part: str, result: str) -> list[str]:
         "temperature lr beta epsilon micro_batch_tokens reward_workers seed engine device precision"
     ).split():
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.engine_dtype is not None:
+        argv += ["--engine-dtype", args.engine_dtype]
     if args.l2_pass_rate is not None:
         argv += ["--l2-pass-rate", str(args.l2_pass_rate)]
     if args.mgrpo_checkpointing:
@@ -194,7 +200,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"G={c['num_generations']}, {c['prompts_per_step']} prompts/step, max {c['max_completion_length']} tokens, "
         f"{c.get('device', 'cpu')} {c.get('precision', '32-true')}, "
         f"{c['threads']} threads, {c['steps']} measured steps after {c['warmup']} warm-up, "
-        f"mgrpo_pl engine `{c.get('engine', 'transformers')}`",
+        f"mgrpo_pl engine `{c.get('engine', 'transformers')}` sampling in "
+        f"{c.get('engine_dtype') or 'the policy dtype'}",
         "",
         "| figure | mgrpo_pl (GRPO) | TRL GRPOTrainer | mgrpo_pl / TRL |",
         "|---|---|---|---|",
@@ -297,6 +304,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("transformers", "vllm"),
         default="transformers",
         help="mgrpo_pl's generation engine (TRL generates with HF generate on CPU in every case)",
+    )
+    p.add_argument(
+        "--engine-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="mgrpo_pl samples from a copy in this precision (default: the policy's); not TRL's work, see docstring",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both frameworks train")
     p.add_argument(

@@ -90,7 +90,7 @@ def test_every_option_reaches_the_part_subprocesses():
         "--max-completion-length=9", "--num-corrections=6", "--temperature=0.5", "--lr=0.01", "--beta=0.2",
         "--epsilon=0.3", "--micro-batch-tokens=77", "--reward-workers=2", "--seed=7", "--engine=vllm",
         "--device=cuda", "--precision=bf16-mixed", "--l2-pass-rate=0.25", "--mgrpo-checkpointing",
-        "--reuse-probe", "--joint-layer2", "--trl-no-checkpointing", "--no-shared-prefix",
+        "--reuse-probe", "--joint-layer2", "--trl-no-checkpointing", "--no-shared-prefix", "--engine-dtype=bfloat16",
     ]  # fmt: skip
     parent = bench_trl.parse_args(changed)
     defaults = bench_trl.parse_args([])

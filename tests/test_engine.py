@@ -89,3 +89,53 @@ def test_unknown_engine_and_unknown_parameter(model_and_tokenizer):
     engine = TransformersEngine(model, tok, share_weights=False)
     with pytest.raises(KeyError, match="no parameter"):
         engine.update_weights([("not.a.weight", torch.zeros(1))])
+
+
+def test_engine_in_another_dtype_samples_from_a_cast_copy(model_and_tokenizer):
+    """``dtype="bfloat16"`` on an fp32 policy: a private bf16 copy (ties kept, buffers untouched), sampling close to
+    the policy's distribution, and refreshed by casting on every push."""
+    model, tok = model_and_tokenizer
+    engine = TransformersEngine(model, tok, dtype="bfloat16")
+    assert not engine.shared
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the policy itself is not touched
+    assert all(p.requires_grad for p in model.parameters())
+    policy_buffers = dict(model.named_buffers())
+    assert all(b.dtype == policy_buffers[n].dtype for n, b in engine.model.named_buffers())
+    if model.config.tie_word_embeddings:
+        assert engine.model.get_output_embeddings().weight is engine.model.get_input_embeddings().weight
+
+    temperature, prompts = 1.0, _prompts(tok)
+    out = engine.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=temperature), n=2)
+    gaps = []
+    for row, ids in enumerate(out.token_ids):
+        seq = torch.tensor([prompts[row // 2] + ids])
+        with torch.no_grad():
+            fp32 = token_logprobs(model(seq).logits[:, :-1], seq[:, 1:], temperature=temperature)[0, -len(ids) :]
+            bf16 = token_logprobs(engine.model(seq).logits[:, :-1], seq[:, 1:], temperature=temperature)[0, -len(ids) :]
+        # The recorded log-probs are the bf16 copy's own; the fp32 policy's differ by bf16 rounding only.
+        torch.testing.assert_close(torch.tensor(out.logprobs[row]), bf16.float(), atol=2e-2, rtol=0)
+        gaps.append((bf16 - fp32).abs().max().item())
+    assert 0 < max(gaps) < 0.1
+
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        engine.update_weights(model.named_parameters())
+        cast = [(n, p.detach().to(torch.bfloat16)) for n, p in model.named_parameters()]
+        assert engine.weights_checksum() == param_checksum(cast)
+    finally:
+        model.load_state_dict(original)
+
+
+def test_engine_dtype_errors_name_the_option(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with pytest.raises(ValueError, match="share_weights: false"):
+        TransformersEngine(model, tok, share_weights=True, dtype="bfloat16")
+    for bad in ("int8", "bfloat17"):
+        with pytest.raises(ValueError, match=f"engine dtype '{bad}'"):
+            TransformersEngine(model, tok, dtype=bad)
+    # The policy's own dtype asks for nothing: the engine shares the policy.
+    assert TransformersEngine(model, tok, dtype="float32").shared

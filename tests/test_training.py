@@ -10,6 +10,7 @@ from callbacks import RolloutCallback
 from mgrpo_pl.data.datamodule import MGRPODataModule, ProblemSet
 from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.rollout.config import RolloutConfig
+from mgrpo_pl.rollout.engine import param_checksum
 from mgrpo_pl.rollout.types import SamplingConfig
 from plugin_rewards import NeverReward, ParityReward
 
@@ -29,7 +30,7 @@ class Recorder(Callback):
         self.losses.append((float(m["train/loss_layer1"]), float(m["train/loss_layer2"]), float(m["train/kl"])))
 
 
-def _fit(tiny_model_path, reward, steps=3, share_weights=False, beta=0.05, precision="32-true"):
+def _fit(tiny_model_path, reward, steps=3, share_weights=False, beta=0.05, precision="32-true", engine_kwargs=None):
     module = MGRPOModule(
         model=str(tiny_model_path),
         beta=beta,
@@ -45,7 +46,7 @@ def _fit(tiny_model_path, reward, steps=3, share_weights=False, beta=0.05, preci
         ),
         reward=reward,
     )
-    source, recorder = RolloutCallback(share_weights=share_weights), Recorder()
+    source, recorder = RolloutCallback(share_weights=share_weights, engine_kwargs=engine_kwargs), Recorder()
     trainer = Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -175,6 +176,21 @@ def test_mixed_precision_trainer_samples_under_autocast(tiny_model_path):
     _, source, recorder, _, _ = _fit(tiny_model_path, ParityReward(), steps=1, precision="bf16-mixed")
     assert source.engine().autocast_dtype is torch.bfloat16
     assert all(math.isfinite(x) for x in recorder.losses[0])
+
+
+def test_bf16_engine_copy_of_an_fp32_policy_is_refreshed_every_step(tiny_model_path):
+    """``engine_kwargs: {dtype: bfloat16}`` with no share_weights: the callback leaves the choice to the engine, which
+    keeps a bf16 copy; every step samples from the previous step's weights, cast."""
+    module, source, recorder, _, _ = _fit(
+        tiny_model_path, ParityReward(), steps=2, share_weights=None, engine_kwargs={"dtype": "bfloat16"}
+    )
+    engine = source.engine()
+    assert not engine.shared and {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module.policy.parameters()} == {torch.float32}
+    cast = [(n, p.detach().to(torch.bfloat16)) for n, p in module.policy.named_parameters()]
+    assert engine.weights_checksum() == param_checksum(cast)  # the push after the last step
+    assert len(set(recorder.generated_with)) == 2  # each step's batch came from different (refreshed) weights
+    assert all(math.isfinite(x) for losses in recorder.losses for x in losses)
 
 
 def test_shared_prefix_layout_decision():

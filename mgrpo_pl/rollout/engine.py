@@ -117,6 +117,28 @@ class _BehaviourLogprobs(LogitsProcessor):
         return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(len(last_tokens), 0)
 
 
+def engine_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``torch.dtype`` of an engine ``dtype`` option, with an error that names the option."""
+    if isinstance(name, torch.dtype):
+        resolved = name
+    else:
+        resolved = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"engine dtype {name!r} is not a floating-point torch dtype; use float32, bfloat16 or float16")
+    return resolved
+
+
+def cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy of ``model`` whose parameters are ``dtype``, made without a full-precision copy in between.
+
+    ``deepcopy`` takes the cast parameters from its memo, so tied weights stay tied (one parameter object maps to
+    one cast tensor) and the peak is the policy plus the cast copy. Buffers are copied as they are: the rotary
+    frequencies of most models are kept in float32 on purpose.
+    """
+    memo = {id(p): nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval().requires_grad_(False)
+
+
 class TransformersEngine(GenerationEngine):
     """Batched generation with the transformers model itself, left-padded.
 
@@ -124,9 +146,13 @@ class TransformersEngine(GenerationEngine):
     n samples, and finished rows leave the batch. A policy that is sharded across ranks uses ``model.generate`` with
     ``synced_gpus`` instead (see below).
 
-    With ``share_weights=True`` (the default) the engine generates with the policy module itself, so it is
-    on-policy by construction and ``update_weights`` has nothing to copy. With ``share_weights=False`` it keeps
-    its own copy, refreshed through ``update_weights`` exactly as an external engine (vLLM) is.
+    With shared weights (the default) the engine generates with the policy module itself, so it is on-policy by
+    construction and ``update_weights`` has nothing to copy. With ``share_weights=False`` it keeps its own copy,
+    refreshed through ``update_weights`` exactly as an external engine (vLLM) is. A ``dtype`` other than the
+    policy's (``bfloat16`` for an fp32 policy) always means a copy: the engine samples in that precision, as vLLM
+    serves in bf16 while the trainer keeps fp32 weights. On CPUs with AMX, or on a GPU without autocast's per-op
+    casts, that roughly halves the time of a sampling step; the trainer still computes the loss's log-probs with
+    its own weights, and the gap to the engine's shows as the logged behaviour mismatch.
 
     Sharded policies: when the shared policy is sharded across ranks (FSDP2 / FSDP1 / ZeRO-3), every forward
     all-gathers parameters, so every rank must run the same number of forwards although each generates for its own
@@ -138,7 +164,10 @@ class TransformersEngine(GenerationEngine):
     Args:
         model: The policy (a transformers causal LM).
         tokenizer: Its tokenizer; needs a pad token.
-        share_weights: Generate with ``model`` itself instead of a private copy.
+        share_weights: Generate with ``model`` itself instead of a private copy. None (default): share unless
+            ``dtype`` asks for another precision than the policy's.
+        dtype: The precision the engine samples in (``float32``, ``bfloat16``, ``float16`` or a ``torch.dtype``);
+            None (default) keeps the policy's. Parameters are cast; buffers (rotary frequencies) keep theirs.
         max_batch_size: Most sequences (prompts x samples) per ``generate`` call; bounds memory.
         record_logprobs: Return behaviour log-probs (costs one log-softmax per step).
     """
@@ -148,14 +177,22 @@ class TransformersEngine(GenerationEngine):
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         *,
-        share_weights: bool = True,
+        share_weights: bool | None = None,
+        dtype: str | torch.dtype | None = None,
         max_batch_size: int = 64,
         record_logprobs: bool = True,
     ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
-        self.shared = share_weights
-        self.model = model if share_weights else copy.deepcopy(model).eval().requires_grad_(False)
+        policy_dtype = next(model.parameters()).dtype
+        target = policy_dtype if dtype is None else engine_dtype(dtype)
+        if share_weights and target != policy_dtype:
+            raise ValueError(
+                f"dtype={dtype!r} needs the engine's own copy of the weights, but share_weights=True generates with "
+                f"the policy itself, in its {policy_dtype}; set share_weights: false (or drop dtype)"
+            )
+        self.shared = target == policy_dtype if share_weights is None else share_weights
+        self.model = model if self.shared else cast_copy(model, target)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.record_logprobs = record_logprobs
