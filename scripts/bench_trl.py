@@ -173,6 +173,18 @@ def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def paired_ratios(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """mgrpo_pl/TRL steps/s of each round against the TRL run right after it: adjacent runs share the machine's
+    state, so their spread shows how far the best-round ratio can be trusted."""
+    pairs = list(zip(rounds.get("grpo", []), rounds.get("trl", [])))
+    if len(pairs) < 2:
+        return {}
+    ratios = sorted(g["steps_per_s"] / t["steps_per_s"] for g, t in pairs)
+    middle = len(ratios) // 2
+    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return {"steps_per_s_ratio_per_round": ratios, "steps_per_s_ratio_median_round": median}
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -258,6 +270,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"{part}: " + ", ".join(_fmt(r["s_per_step"]) for r in runs) for part, runs in report["rounds"].items()
         )
         lines.append(f"s/step per round (the fastest is reported): {per_round}")
+    if "steps_per_s_ratio_per_round" in cmp_:
+        per_round = ", ".join(_fmt(r) for r in cmp_["steps_per_s_ratio_per_round"])
+        lines.append(
+            f"steps/s mgrpo_pl / TRL round by round (sorted): {per_round}; "
+            f"median {_fmt(cmp_['steps_per_s_ratio_median_round'])}"
+        )
     if "targets" in cmp_:
         lines.append("targets: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in cmp_["targets"].items()))
     return "\n".join(lines)
@@ -359,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "loadavg_end": os.getloadavg(),
         "results": results,
-        "comparison": compare(results),
+        "comparison": {**compare(results), **paired_ratios(rounds)},
         "rounds": {part: [{k: r[k] for k in ROUND_KEYS} for r in runs] for part, runs in rounds.items()},
     }
     print(markdown(report))

@@ -102,3 +102,26 @@ def test_every_option_reaches_the_part_subprocesses():
     lost = {k: (getattr(parent, k), getattr(child, k)) for k in vars(parent) if k not in orchestration - {"model_dir"}}
     lost = {k: v for k, v in lost.items() if v[0] != v[1]}
     assert not lost, f"options the part subprocess did not receive (parent, child): {lost}"
+
+
+def test_paired_ratios_compare_each_round_with_its_neighbour():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_trl
+
+    rounds = {
+        "grpo": [{"steps_per_s": 0.2}, {"steps_per_s": 0.1}, {"steps_per_s": 0.3}],
+        "trl": [{"steps_per_s": 0.1}, {"steps_per_s": 0.1}, {"steps_per_s": 0.1}],
+    }
+    out = bench_trl.paired_ratios(rounds)
+    assert out["steps_per_s_ratio_per_round"] == pytest.approx([1.0, 2.0, 3.0])
+    assert out["steps_per_s_ratio_median_round"] == pytest.approx(2.0)
+    assert bench_trl.paired_ratios({"grpo": rounds["grpo"][:1], "trl": rounds["trl"][:1]}) == {}
+    assert "round by round" in bench_trl.markdown(
+        {
+            "config": {"model": "m", "num_generations": 2, "prompts_per_step": 1, "max_completion_length": 4,
+                       "threads": 1, "steps": 1, "warmup": 0, "repeats": 3, "num_corrections": 2},
+            "results": {},
+            "rounds": {"grpo": [{"s_per_step": 1.0}]},
+            "comparison": out,
+        }
+    )  # fmt: skip
