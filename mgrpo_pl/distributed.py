@@ -161,3 +161,44 @@ def fully_shard_models(models: list[nn.Module], mesh: object) -> None:
             if type(module).__name__ in blocks:
                 fully_shard(module, mesh=dp_mesh)
         fully_shard(model, mesh=dp_mesh)
+
+
+def fsdp1_root_parameters(root: nn.Module) -> list[str]:
+    """Names of the parameters an FSDP1 (``FullyShardedDataParallel``) root manages itself, outside every nested
+    unit.
+
+    ``MGRPOModule`` steps manually: ``training_step`` runs ``backward`` once per micro-batch, and under Lightning's
+    ``FSDPStrategy`` it does so inside the root unit's forward (the root wraps the LightningModule). A parameter of
+    the root's own unit is then still in its forward state when the backward reaches it, and FSDP stops with
+    "Expects BACKWARD_PRE or BACKWARD_POST state but got HandleTrainingState.FORWARD". With the policy's own class
+    in ``auto_wrap_policy`` every parameter belongs to a nested unit whose forward has ended, and this list is empty.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    nested = {
+        id(p)
+        for unit in root.modules()
+        if unit is not root and isinstance(unit, FullyShardedDataParallel)
+        for p in unit.parameters()
+    }
+    return [name for name, p in root.named_parameters() if id(p) not in nested]
+
+
+def check_fsdp1_wrapping(root: object, policy: nn.Module) -> None:
+    """Raise, naming the fix, when ``root`` is an FSDP1 root that holds parameters of its own (see
+    ``fsdp1_root_parameters``); anything else passes.
+
+    Raises:
+        ValueError: with the first such parameter and the ``auto_wrap_policy`` that avoids it.
+    """
+    if not torch.distributed.is_available() or type(root).__name__ != "FullyShardedDataParallel":
+        return
+    owned = fsdp1_root_parameters(root)  # type: ignore[arg-type]
+    if owned:
+        name = f"{type(policy).__module__}.{type(policy).__name__}"
+        raise ValueError(
+            f"--trainer.strategy (FSDP1): the root unit holds {len(owned)} parameters of its own (first: {owned[0]}), "
+            "and training_step's per-micro-batch backward would fail on them. Add the policy's class to the "
+            f"strategy's auto_wrap_policy, e.g. `auto_wrap_policy: [<decoder layer class>, {name}]` "
+            "(configs/strategies/fsdp.yaml does), or use --trainer.strategy=fsdp2"
+        )

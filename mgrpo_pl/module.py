@@ -44,6 +44,7 @@ from mgrpo_pl.batching import (
 from mgrpo_pl.distributed import (
     ROLLOUT_STAT_NAMES,
     Reduce,
+    check_fsdp1_wrapping,
     fully_shard_models,
     global_normalisers,
     global_rollout_stats,
@@ -230,6 +231,8 @@ class MGRPOModule(TwoTurnEvaluation):
     def on_fit_start(self) -> None:
         if self.reference is not None and not is_sharded(self.reference):
             self.reference.to(self.device)
+        # Stop before the first step, with the fix, where FSDP1 would fail in the first backward.
+        check_fsdp1_wrapping(getattr(self.trainer.strategy, "model", None), self.policy)
 
     def configure_optimizers(self) -> dict[str, object]:
         assert self.policy is not None, "configure_model must run first"

@@ -183,6 +183,16 @@ class OnPolicy(Callback):
         self.losses.append(float(m["train/loss_layer1"]) + float(m["train/loss_layer2"]))
 
 
+def fsdp1_strategy(module: MGRPOModule) -> object:
+    """FSDPStrategy with the decoder layers and the policy itself as units, as configs/strategies/fsdp.yaml has it
+    (the policy's class keeps the root free of parameters; see ``mgrpo_pl.distributed.fsdp1_root_parameters``)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module.load_models()
+    policy = module.policy
+    return FSDPStrategy(auto_wrap_policy={type(policy.model.layers[0]), type(policy)})
+
+
 def check_fit(cache: str, name: str, precision: str, share: bool | None, strategy: str) -> None:
     torch.manual_seed(0)
     reward = MathReward(num_workers=1)
@@ -207,7 +217,7 @@ def check_fit(cache: str, name: str, precision: str, share: bool | None, strateg
         max_steps=3,
         accelerator="gpu" if DEVICE == "cuda" else "cpu",
         devices=1,
-        strategy=strategy,
+        strategy=fsdp1_strategy(module) if strategy == "fsdp" else strategy,
         precision=precision,
         logger=False,
         enable_checkpointing=False,
