@@ -196,3 +196,24 @@ def test_joint_layer2_draws_probe_and_group_in_one_call(engine_and_tokenizer, re
     assert len(batch.engine_logprobs) == len(batch)
     for seq, plen, lp in zip(batch.sequences, batch.prompt_lengths, batch.engine_logprobs):
         assert len(lp) == len(seq) - plen
+
+
+@pytest.mark.parametrize("reuse_probe", [False, True])
+def test_generated_tokens_count_each_drawn_token_once(engine_and_tokenizer, reuse_probe):
+    """Sequential layer 2: a reused probe is one of the H samples but was drawn (and counted) as a probe."""
+    engine, tok = engine_and_tokenizer
+    counting = _CountingEngine(engine)
+    torch.manual_seed(4)
+    batch = MGRPORollout(_config(reuse_probe=reuse_probe), tok, ParityReward()).rollout(counting, PROBLEMS)
+    B, G, H = 3, 4, 3
+    K = int(batch.stats["layer2/kept_queries"])
+    assert 0 < K < B * G
+    fresh = H - 1 if reuse_probe else H
+    assert counting.calls == [(B, G), (B * G, 1), (K, fresh)]
+    lengths = [len(s) - p for s, p in zip(batch.sequences, batch.prompt_lengths)]
+    layer2 = [n for n, layer in zip(lengths, batch.layer.tolist()) if layer == 2]
+    drawn = sum(n for i, n in enumerate(layer2) if not (reuse_probe and i % H == 0))  # the probe comes first
+    assert batch.stats["tokens/layer2"] == sum(layer2)
+    assert batch.stats["tokens/layer2_drawn"] == drawn
+    expected = batch.stats["tokens/layer1"] + batch.stats["tokens/probe"] + drawn
+    assert batch.stats["tokens/generated"] == expected

@@ -282,12 +282,15 @@ class MGRPORollout:
                         logprobs = None
                 stats["reward/layer2"] = float(r2.mean())
                 stats["tokens/layer2"] = float(sum(len(t) for t in tokens2))
+                if not c.joint_layer2:
+                    # A reused probe was drawn, and counted, as a probe already.
+                    reused = sum(len(probe.token_ids[k]) for k in kept) if c.reuse_probe else 0
+                    stats["tokens/layer2_drawn"] = stats["tokens/layer2"] - reused
             elif getattr(engine, "lockstep", False) and not c.joint_layer2:
                 # This rank kept nothing, but the others generate: join their collectives with the same calls.
                 self._generate(engine, [], c.layer2_sampling, 1, [], seeds["layer2"])
 
-        layer2_generated = stats.get("tokens/layer2_drawn") or stats.get("tokens/layer2", 0.0)
-        generated = stats["tokens/layer1"] + stats.get("tokens/probe", 0.0) + layer2_generated
+        generated = stats["tokens/layer1"] + stats.get("tokens/probe", 0.0) + stats.get("tokens/layer2_drawn", 0.0)
         stats.update(
             {
                 "tokens/generated": generated,
