@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -180,9 +181,7 @@ def paired_ratios(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     if len(pairs) < 2:
         return {}
     ratios = sorted(g["steps_per_s"] / t["steps_per_s"] for g, t in pairs)
-    middle = len(ratios) // 2
-    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
-    return {"steps_per_s_ratio_per_round": ratios, "steps_per_s_ratio_median_round": median}
+    return {"steps_per_s_ratio_per_round": ratios, "steps_per_s_ratio_median_round": statistics.median(ratios)}
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
