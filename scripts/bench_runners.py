@@ -192,6 +192,7 @@ def run_mgrpo(args: argparse.Namespace, layer2: bool) -> dict[str, Any]:
         micro_batch_tokens=args.micro_batch_tokens,
         max_grad_norm=1.0,
         gradient_checkpointing=args.mgrpo_checkpointing,
+        memory_efficient_mlp=not args.plain_mlp,
         shared_prefix=not args.no_shared_prefix,
         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0, fused=True),
         lr_schedule="constant",

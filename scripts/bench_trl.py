@@ -120,6 +120,8 @@ def _child_argv(args: argparse.Namespace, part: str, result: str) -> list[str]:
         argv.append("--trl-no-checkpointing")
     if args.no_shared_prefix:
         argv.append("--no-shared-prefix")
+    if args.plain_mlp:
+        argv.append("--plain-mlp")
     return argv
 
 
@@ -313,6 +315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mgrpo_pl's computed tokens per forward (one group is ~G * max completion; see the docstring)",
     )
     p.add_argument("--mgrpo-checkpointing", action="store_true", help="gradient checkpointing in mgrpo_pl too")
+    p.add_argument(
+        "--plain-mlp", action="store_true", help="mgrpo_pl: the MLPs' stock autograd (memory_efficient_mlp=False)"
+    )
     p.add_argument(
         "--no-shared-prefix", action="store_true", help="mgrpo_pl: train every row in the plain padded layout"
     )

@@ -207,3 +207,21 @@ def test_shared_prefix_layout_decision():
     assert not shared_prefix_allowed(checkpointed, False, "cpu", "32-true")
     off = SimpleNamespace(shared_prefix=False, gradient_checkpointing=False)
     assert not shared_prefix_allowed(off, False, "cpu", "32-true")
+
+
+def test_memory_efficient_mlp_trains_to_the_same_weights(tiny_model_path):
+    weights = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        module, data, trainer = _small_run(tiny_model_path, ParityReward(), steps=1)
+        module.hparams.memory_efficient_mlp = fused
+        trainer.fit(module, data)
+        patched = ["forward" in vars(layer.mlp) for layer in module.policy.model.layers]
+        assert patched == [fused] * len(patched)
+        weights[fused] = module.policy.state_dict()
+    start = MGRPOModule(model=str(tiny_model_path), beta=0.0)
+    start.load_models()
+    moved = [n for n, v in start.policy.state_dict().items() if not torch.equal(v, weights[True][n])]
+    assert moved, "the step changed no weight: the comparison below would be empty"
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-7, msg=name)

@@ -1,0 +1,123 @@
+"""A SwiGLU MLP whose backward keeps two intermediate tensors per token instead of four.
+
+A Llama/Qwen2-style MLP computes ``down(silu(gate(x)) * up(x))``. Run as separate autograd ops it saves, per token
+and layer, four tensors of the intermediate width ``I``: ``gate(x)`` (for silu's backward), ``silu(gate(x))`` and
+``up(x)`` (for the product's), and the product (for ``down``'s weight gradient). Those four are most of a decoder
+layer's activations (measured on the 30M benchmark model: 500 of 680 MiB saved for a 2,000-token micro-batch).
+
+:class:`SwiGLUDown` saves ``gate(x)`` and ``up(x)`` only and recomputes ``silu(gate) * up`` in the backward: two
+elementwise passes and no matmul. On the benchmark model's shapes (2,000 tokens, 2 CPU cores) the MLP's forward and
+backward took 2% longer than with the stock ops, and a whole training step not measurably longer, for 0.15 GiB less
+peak RSS. It needs the ``down`` weight itself, so it is used only where calling the weight directly is the same as
+calling the ``down`` module: a plain ``nn.Linear`` without bias and without forward hooks (DeepSpeed ZeRO-3 gathers
+a weight in a hook; a LoRA wrapper is not an ``nn.Linear``). Elsewhere :class:`SwiGLU` saves the same two tensors
+but leaves ``down`` to its module, which then saves the product itself: three tensors instead of four.
+
+Only MLP classes known to compute exactly ``down(silu(gate(x)) * up(x))`` are patched (:data:`SWIGLU_MLP_CLASSES`).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SWIGLU_MLP_CLASSES", "SwiGLU", "SwiGLUDown", "patch_swiglu_mlps", "swiglu_grads"]
+
+# transformers classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
+SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+_SILU_CLASSES = frozenset({"SiLU", "SiLUActivation"})
+
+
+def swiglu_grads(grad_prod: Tensor, gate: Tensor, up: Tensor, silu: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of ``silu(gate) * up`` with respect to ``gate`` and ``up``, given that of the product and
+    ``silu = silu(gate)``. Overwrites ``grad_prod`` (its buffer becomes the gate's gradient)."""
+    grad_up = grad_prod * silu
+    # One fused kernel for d silu(g)/dg, as autograd's own silu backward uses.
+    grad_gate = torch.ops.aten.silu_backward(grad_prod.mul_(up), gate)
+    return grad_gate, grad_up
+
+
+class SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up``, saving ``gate`` and ``up`` only (not ``silu(gate)`` as well)."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_prod: Tensor) -> tuple[Tensor, Tensor]:
+        gate, up = ctx.saved_tensors
+        with torch.autocast(grad_prod.device.type, enabled=False):
+            grad_prod = grad_prod.to(gate.dtype, copy=True)
+            return swiglu_grads(grad_prod, gate, up, F.silu(gate))
+
+
+class SwiGLUDown(torch.autograd.Function):
+    """``linear(silu(gate) * up, weight)``, saving ``gate`` and ``up`` and recomputing the product in the backward.
+
+    Under autocast the forward's linear runs in the autocast dtype like ``nn.Linear`` would; the backward repeats it
+    in the dtype of the saved tensors and returns the weight's gradient in the weight's own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor, weight: Tensor) -> Tensor:
+        out = F.linear(F.silu(gate) * up, weight)
+        ctx.save_for_backward(gate, up, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        gate, up, weight = ctx.saved_tensors
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grad_out = grad_out.to(gate.dtype)
+            silu = F.silu(gate)
+            grad_gate, grad_up = swiglu_grads(grad_out @ weight.to(gate.dtype), gate, up, silu)
+            grad_weight = None
+            if ctx.needs_input_grad[2]:
+                prod = silu.mul_(up)  # silu is not needed any more: the product takes its buffer
+                grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ prod.reshape(-1, prod.shape[-1])
+                grad_weight = grad_weight.to(weight.dtype)
+        return grad_gate, grad_up, grad_weight
+
+
+def _weight_is_direct(down: nn.Module) -> bool:
+    """True when ``down(x)`` is exactly ``F.linear(x, down.weight)``: no bias, no hook, not a wrapper."""
+    return (
+        type(down) is nn.Linear
+        and down.bias is None
+        and not down._forward_pre_hooks
+        and not down._forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
+        and not nn.modules.module._global_forward_hooks
+    )
+
+
+def _swiglu_forward(self: nn.Module, x: Tensor) -> Tensor:
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        return self.down_proj(F.silu(gate) * up)
+    # Checked at every call, not once: a strategy may add hooks to the module after it was patched.
+    if _weight_is_direct(self.down_proj):
+        return SwiGLUDown.apply(gate, up, self.down_proj.weight)
+    return self.down_proj(SwiGLU.apply(gate, up))
+
+
+def patch_swiglu_mlps(model: nn.Module) -> int:
+    """Give every known SwiGLU MLP of ``model`` the memory-saving forward; returns how many were patched.
+
+    The patch is an instance attribute (``mlp.forward``), so the class and every other model are untouched, the
+    weights and state dict are the same, and ``copy.deepcopy`` carries it to the copy.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ not in SWIGLU_MLP_CLASSES:
+            continue
+        if type(getattr(module, "act_fn", None)).__name__ not in _SILU_CLASSES:
+            continue
+        module.forward = types.MethodType(_swiglu_forward, module)
+        count += 1
+    return count
