@@ -125,3 +125,17 @@ def test_only_silu_mlps_of_known_classes_are_patched():
     assert patch_swiglu_mlps(llama("silu")) == 2
     assert patch_swiglu_mlps(llama("gelu")) == 0
     assert patch_swiglu_mlps(nn.Sequential(nn.Linear(4, 4))) == 0
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_through_the_patched_mlp(tiny, use_reentrant):
+    """configs/paper.yaml turns gradient checkpointing on: the recomputed forward must take the same path."""
+    patched = copy.deepcopy(tiny)
+    patch_swiglu_mlps(patched)
+    patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    patched.train()
+    assert patched.is_gradient_checkpointing
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    _, grads0, _ = _loss_grads_saved(tiny, ids)
+    _, grads1, _ = _loss_grads_saved(patched, ids)
+    assert _max_rel(grads0, grads1) < 1e-5

@@ -24,20 +24,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SWIGLU_MLP_CLASSES", "SwiGLU", "SwiGLUDown", "patch_swiglu_mlps", "swiglu_grads"]
+__all__ = ["SWIGLU_MLP_CLASSES", "SwiGLU", "SwiGLUDown", "gate_grad_", "patch_swiglu_mlps"]
 
 # transformers classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
 SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 _SILU_CLASSES = frozenset({"SiLU", "SiLUActivation"})
 
 
-def swiglu_grads(grad_prod: Tensor, gate: Tensor, up: Tensor, silu: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of ``silu(gate) * up`` with respect to ``gate`` and ``up``, given that of the product and
-    ``silu = silu(gate)``. Overwrites ``grad_prod`` (its buffer becomes the gate's gradient)."""
-    grad_up = grad_prod * silu
-    # One fused kernel for d silu(g)/dg, as autograd's own silu backward uses.
-    grad_gate = torch.ops.aten.silu_backward(grad_prod.mul_(up), gate)
-    return grad_gate, grad_up
+def gate_grad_(grad_prod: Tensor, gate: Tensor, up: Tensor) -> Tensor:
+    """Gradient of ``silu(gate) * up`` with respect to ``gate``, written into ``grad_prod``'s buffer (returned).
+
+    ``grad_prod * up * silu'(gate)``; ``silu_backward`` is the fused kernel of autograd's own silu backward. Working
+    in place keeps one intermediate-width tensor fewer alive at the backward's peak.
+    """
+    grad_prod.mul_(up)
+    return torch.ops.aten.silu_backward.grad_input(grad_prod, gate, grad_input=grad_prod)
 
 
 class SwiGLU(torch.autograd.Function):
@@ -52,8 +53,9 @@ class SwiGLU(torch.autograd.Function):
     def backward(ctx, grad_prod: Tensor) -> tuple[Tensor, Tensor]:
         gate, up = ctx.saved_tensors
         with torch.autocast(grad_prod.device.type, enabled=False):
-            grad_prod = grad_prod.to(gate.dtype, copy=True)
-            return swiglu_grads(grad_prod, gate, up, F.silu(gate))
+            grad_prod = grad_prod.to(gate.dtype, copy=True)  # a buffer of our own, overwritten below
+            grad_up = grad_prod * F.silu(gate)
+            return gate_grad_(grad_prod, gate, up), grad_up
 
 
 class SwiGLUDown(torch.autograd.Function):
@@ -75,12 +77,18 @@ class SwiGLUDown(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             grad_out = grad_out.to(gate.dtype)
             silu = F.silu(gate)
-            grad_gate, grad_up = swiglu_grads(grad_out @ weight.to(gate.dtype), gate, up, silu)
+            grad_prod = grad_out @ weight.to(gate.dtype)
+            grad_up = grad_prod * silu
             grad_weight = None
             if ctx.needs_input_grad[2]:
                 prod = silu.mul_(up)  # silu is not needed any more: the product takes its buffer
                 grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ prod.reshape(-1, prod.shape[-1])
                 grad_weight = grad_weight.to(weight.dtype)
+                del prod
+            del silu
+            # At most three intermediate-width tensors are alive at once (grad_prod, silu or prod, grad_up), as in
+            # autograd's own backward of these ops.
+            grad_gate = gate_grad_(grad_prod, gate, up)
         return grad_gate, grad_up, grad_weight
 
 
