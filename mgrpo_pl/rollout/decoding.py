@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from mgrpo_pl.rollout.row_linear import weight_major_linears
 from mgrpo_pl.rollout.types import SamplingConfig
 
 
@@ -178,28 +179,30 @@ def sample_completions(
     end = torch.tensor(list(end_ids), dtype=torch.long, device=device)
     slot = torch.arange(rows, device=device)  # the output row of each batch row
     live = torch.ones(rows, dtype=torch.bool, device=device)
-    for step in range(steps):
-        logits = model(
-            input_ids=current, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
-        ).logits[:, -1]
-        token, logprob = choose_tokens(logits, sampling)
-        keep = slot[live]
-        out[keep, step] = token[live]
-        out_lp[keep, step] = logprob[live]
-        lengths[keep] = step + 1
-        ended = live & torch.isin(token, end)
-        finished[slot[ended]] = True
-        live &= ~ended
-        alive = int(live.sum())
-        if alive == 0 or step == steps - 1:
-            break
-        current, position = token[:, None], position + 1
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        if alive <= compact_below * len(live):
-            index = live.nonzero().squeeze(1)
-            cache.batch_select_indices(index)
-            current, position, mask, slot = current[index], position[index], mask[index], slot[index]
-            live = torch.ones(alive, dtype=torch.bool, device=device)
+    # Decode steps push a few rows through every linear layer: the weight-major product is faster there on a CPU.
+    with weight_major_linears(model):
+        for step in range(steps):
+            logits = model(
+                input_ids=current, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+            ).logits[:, -1]
+            token, logprob = choose_tokens(logits, sampling)
+            keep = slot[live]
+            out[keep, step] = token[live]
+            out_lp[keep, step] = logprob[live]
+            lengths[keep] = step + 1
+            ended = live & torch.isin(token, end)
+            finished[slot[ended]] = True
+            live &= ~ended
+            alive = int(live.sum())
+            if alive == 0 or step == steps - 1:
+                break
+            current, position = token[:, None], position + 1
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            if alive <= compact_below * len(live):
+                index = live.nonzero().squeeze(1)
+                cache.batch_select_indices(index)
+                current, position, mask, slot = current[index], position[index], mask[index], slot[index]
+                live = torch.ones(alive, dtype=torch.bool, device=device)
     lengths_list = lengths.tolist()
     out_list, lp_list = out.cpu().tolist(), out_lp.cpu().tolist()
     token_ids = [seq[:length] for seq, length in zip(out_list, lengths_list)]
