@@ -27,9 +27,10 @@ What differs unavoidably (implementation, not work):
   (both are printed).
 - Micro-batching: TRL runs ``per_device_train_batch_size`` (G) sequences, one group, per forward/backward and pads
   completions to the longest of the generation batch; mgrpo_pl packs sequences by a token budget
-  (``--micro-batch-tokens``, 2048 by default here: three groups of ~530 computed tokens at the default settings). The
-  budget trades speed for memory: at 640 (one group per pass, like TRL) the backward is ~15% slower (its weight
-  gradients reduce over fewer tokens) and peak RSS ~0.55 GiB lower (docs/benchmark/ has both runs).
+  (``--micro-batch-tokens``, 1024 by default here: about two groups of ~530 computed tokens at the default
+  settings). The budget trades speed for memory: 1024 met both the speed and the RSS target in one run, 2048 was
+  about as fast with ~0.25 GiB more peak RSS, and at 640 (one group per pass, like TRL) the backward is ~15% slower
+  (its weight gradients reduce over fewer tokens); docs/benchmark/ has the runs.
 - Gradient checkpointing: TRL's default (on) is kept; mgrpo_pl's default (off) is kept. Both are memory/speed knobs.
 - TRL computes per-token entropies for logging and pads prompts; mgrpo_pl records behaviour log-probs while sampling.
 - Advantage epsilon: TRL divides by ``std + 1e-4``, mgrpo_pl by ``std + 1e-6`` (no cost difference).
@@ -311,7 +312,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--micro-batch-tokens",
         type=int,
-        default=2048,
+        default=1024,
         help="mgrpo_pl's computed tokens per forward (one group is ~G * max completion; see the docstring)",
     )
     p.add_argument("--mgrpo-checkpointing", action="store_true", help="gradient checkpointing in mgrpo_pl too")
