@@ -1,5 +1,5 @@
 """``python -m mgrpo_pl`` runs the ``mgrpo`` command."""
 
-from mgrpo_pl.cli import cli_main
+from mgrpo_pl.cli import main
 
-cli_main()
+main()

@@ -76,5 +76,11 @@ def cli_main(args: list[str] | None = None) -> MGRPOCLI:
     )
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The ``mgrpo`` console script. It returns None: the script passes the return value to ``sys.exit``, which would
+    print the CLI object and exit with status 1 after a successful run."""
     cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -151,3 +151,20 @@ def test_test_from_a_checkpoint_generates_with_the_checkpoint_weights(fit_run, t
     trained_sum = param_checksum((name, trained[f"policy.{name}"]) for name in names)
     assert param_checksum(policy_weights(cli.model)) == trained_sum
     assert source.engine().weights_checksum() == trained_sum
+
+
+def test_console_script_exits_with_status_0_after_a_fit(tiny_model_path, tmp_path):
+    """The `mgrpo` script runs `sys.exit(<entry point>())`: a returned CLI object would mean exit status 1."""
+    import re
+    import subprocess
+    import sys
+
+    pyproject = (CONFIG_DIR.parent / "pyproject.toml").read_text()
+    module, function = re.search(r'^mgrpo = "([\w.]+):(\w+)"$', pyproject, re.M).groups()
+    script = f"import sys; from {module} import {function}; sys.exit({function}())"
+    args = [
+        "fit", "--config", "configs/tiny.yaml", f"--model.model={tiny_model_path}",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+    ]  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=CONFIG_DIR.parent, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
