@@ -3,8 +3,8 @@
 A decode step pushes one token per live row through every linear layer: ``F.linear`` with an input of 8 to 64 rows.
 On the CPU, oneDNN/MKL's kernel for that shape (a thin left operand times a transposed weight) runs far below the
 machine's matrix-multiply rate, while the same product taken with the weight as the left operand does not. Measured
-on the 2-core benchmark machine, float32, 2,000 rows of reference: with 32 rows, ``512 -> 4096`` took 1.7 ms as
-``F.linear`` and 0.9 ms as ``W @ x^T``; with 16 rows 1.5 ms against 0.6 ms; from 96 rows on the two are equal. A whole
+on the 2-core benchmark machine in float32: with 32 rows, ``512 -> 4096`` took 1.7 ms as ``F.linear`` and 0.9 ms as
+``W @ x^T``; with 16 rows 1.5 ms against 0.6 ms; from 96 rows on the two are equal. A whole
 layer-1 rollout of the benchmark (32 rows, 64 new tokens) went from 3.0 s to 2.1-2.3 s with the same samples.
 
 The product is the same sum in another order (float32 rounding aside), so the sampled tokens and behaviour
