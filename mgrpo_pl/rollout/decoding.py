@@ -92,28 +92,74 @@ def new_cache(model: nn.Module, reserve: int) -> DynamicCache:
     return cache
 
 
+# Nucleus sampling without top-k first looks for the nucleus among this many likeliest tokens, and sorts the whole
+# vocabulary only for a row whose nucleus is wider (a flat distribution). 32 rows of a 151,936-token vocabulary: a
+# full sort takes 340 ms on the 2-core benchmark machine, this top-k 24 ms.
+NUCLEUS_CANDIDATES = 1024
+
+
 def choose_tokens(logits: Tensor, sampling: SamplingConfig) -> tuple[Tensor, Tensor]:
     """Next token per row from [R, V] logits, and its log-prob under ``log_softmax(logits / T)`` (T = 1 when
-    greedy)."""
+    greedy).
+
+    Top-k keeps every token at least as likely as the k-th (ties included) and top-p then keeps, of those, the
+    likeliest tokens until the ones ranked above hold ``top_p`` of their mass, as transformers' warpers do. Only
+    the candidates are sorted: the top k, or for top-p alone the :data:`NUCLEUS_CANDIDATES` likeliest when they
+    hold the nucleus.
+    """
     logits = logits.float()
     if sampling.greedy:
         token = logits.argmax(dim=-1)
         return token, torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1)
-    scaled = logits / sampling.temperature
-    logprob = torch.log_softmax(scaled, dim=-1)
-    filtered = scaled
-    if sampling.top_k and sampling.top_k < filtered.shape[-1]:
-        kth = torch.topk(filtered, sampling.top_k, dim=-1).values[:, -1:]
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass (the best one always stays).
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= sampling.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        filtered = filtered.masked_fill(drop, float("-inf"))
-    token = torch.multinomial(torch.softmax(filtered, dim=-1), 1).squeeze(1)
+    logprob = torch.log_softmax(logits / sampling.temperature, dim=-1)
+    vocab = logprob.shape[-1]
+    top_k = sampling.top_k if 0 < sampling.top_k < vocab else 0
+    if not top_k and sampling.top_p >= 1.0:
+        token = sample_rows(logprob.exp())
+    else:
+        token = _sample_candidates(logprob, top_k, sampling.top_p)
     return token, logprob.gather(1, token[:, None]).squeeze(1)
+
+
+def _sample_candidates(logprob: Tensor, top_k: int, top_p: float) -> Tensor:
+    """A token per row from the top-k and/or top-p set of [R, V] log-probs (``top_k`` < V, or 0 for none)."""
+    vocab = logprob.shape[-1]
+    if top_k:
+        values, index = torch.topk(logprob, top_k + 1, dim=-1)  # sorted; one extra shows a tie at the cut
+        kth = values[:, top_k - 1 : top_k]
+        if bool((values[:, top_k] == kth[:, 0]).any()):
+            values, index = torch.sort(logprob, dim=-1, descending=True)
+        # Renormalised within the kept tokens: top-p then acts on the top-k mass.
+        probs = torch.softmax(values.masked_fill(values < kth, float("-inf")), dim=-1)
+    else:
+        values, index = torch.topk(logprob, min(vocab, NUCLEUS_CANDIDATES), dim=-1)
+        probs = values.exp()
+        if values.shape[-1] < vocab and bool((probs.sum(dim=-1) < top_p).any()):
+            # Some row's nucleus is wider than the candidates: take the whole sorted vocabulary.
+            values, index = torch.sort(logprob, dim=-1, descending=True)
+            probs = values.exp()
+    if top_p < 1.0:
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the best one always stays).
+        probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p, 0.0)
+    return index.gather(1, sample_rows(probs)[:, None]).squeeze(1)
+
+
+def sample_rows(probs: Tensor) -> Tensor:
+    """One index per row of [R, V] probabilities, drawn by inverting each row's cumulative sum with one uniform.
+
+    ``torch.multinomial`` draws an exponential variate per vocabulary entry: 1.4 ms for 32 rows of 1,024 and 174 ms
+    for 32 rows of 151,936 (a Qwen vocabulary) on the 2-core benchmark machine, against 0.07 and 4 ms here. The
+    uniform is scaled by the row's own float32 total, so the sum's rounding moves slot edges by ulps and loses no
+    mass, and an entry of probability 0 is never drawn: its cumulative value equals its predecessor's, so its slot
+    is empty.
+    """
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    u = torch.rand(probs.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * total
+    # u * total can round up to the total itself (about once in 2^24 draws); the first entry whose cumulative value
+    # reaches the total (the last one of positive probability) owns that end of the range.
+    last = torch.searchsorted(cdf, total)
+    return torch.minimum(torch.searchsorted(cdf, u, right=True), last).squeeze(1)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
