@@ -59,3 +59,69 @@ def test_gradients_and_other_dtypes_take_the_stock_path():
     half = _net().to(torch.bfloat16)
     with weight_major_linears(half) as patched:
         assert patched == 0
+
+
+def _mlp(bias: bool = False) -> nn.Module:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=80, hidden_act="silu", mlp_bias=bias)
+    mlp = LlamaMLP(config)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(std=0.2)
+    return mlp
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 32), (MAX_ROWS, 1, 32), (3, 5, 32), (MAX_ROWS + 1, 32)])
+def test_swiglu_mlp_is_taken_whole_and_gives_the_stock_output(shape):
+    mlp = _mlp()
+    x = torch.randn(*shape)
+    calls = []
+    original = torch.mm
+
+    def counting_mm(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return original(*args, **kwargs)
+
+    with torch.no_grad():
+        expected = mlp(x)
+        with weight_major_linears(mlp):
+            torch.mm = counting_mm
+            try:
+                got = mlp(x)
+            finally:
+                torch.mm = original
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Within the row limit all three weights are left operands; above it the stock linears run (no torch.mm).
+    assert calls == ([(80, 32), (80, 32), (32, 80)] if shape[0] * shape[1] <= MAX_ROWS else [])
+
+
+def test_swiglu_mlp_declines_biases_and_hooks_and_restores_an_instance_forward():
+    from mgrpo_pl.modeling.swiglu import patch_swiglu_mlps
+
+    x = torch.randn(4, 32)
+    biased = _mlp(bias=True)
+    with torch.no_grad():
+        expected = biased(x)
+        with weight_major_linears(biased):
+            torch.testing.assert_close(biased(x), expected, rtol=1e-5, atol=1e-6)
+    hooked, seen = _mlp(), []
+    hooked.down_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad(), weight_major_linears(hooked):
+        hooked(x)
+    assert seen == [torch.Size([4, 32])]  # the hooked projection was called as a module
+    trained = _mlp()
+    patch_swiglu_mlps(trained)
+    own = vars(trained)["forward"]
+    with weight_major_linears(trained):
+        assert vars(trained)["forward"] is not own
+        y = trained(torch.randn(4, 32, requires_grad=True))  # gradients: the training MLP's own forward
+        assert y.grad_fn is not None and "SwiGLU" in type(y.grad_fn).__name__
+    assert vars(trained)["forward"] is own
+    plain = _mlp()
+    with weight_major_linears(plain):
+        pass
+    assert "forward" not in vars(plain)

@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SWIGLU_MLP_CLASSES", "SwiGLU", "SwiGLUDown", "gate_grad_", "patch_swiglu_mlps"]
+__all__ = [
+    "SWIGLU_MLP_CLASSES",
+    "SwiGLU",
+    "SwiGLUDown",
+    "gate_grad_",
+    "is_swiglu_mlp",
+    "patch_swiglu_mlps",
+    "weight_is_direct",
+]
 
 # transformers classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
 SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
@@ -92,13 +100,13 @@ class SwiGLUDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_weight
 
 
-def _weight_is_direct(down: nn.Module) -> bool:
-    """True when ``down(x)`` is exactly ``F.linear(x, down.weight)``: no bias, no hook, not a wrapper."""
+def weight_is_direct(linear: nn.Module) -> bool:
+    """True when ``linear(x)`` is exactly ``F.linear(x, linear.weight)``: no bias, no hook, not a wrapper."""
     return (
-        type(down) is nn.Linear
-        and down.bias is None
-        and not down._forward_pre_hooks
-        and not down._forward_hooks
+        type(linear) is nn.Linear
+        and linear.bias is None
+        and not linear._forward_pre_hooks
+        and not linear._forward_hooks
         and not nn.modules.module._global_forward_pre_hooks
         and not nn.modules.module._global_forward_hooks
     )
@@ -109,9 +117,16 @@ def _swiglu_forward(self: nn.Module, x: Tensor) -> Tensor:
     if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
         return self.down_proj(F.silu(gate) * up)
     # Checked at every call, not once: a strategy may add hooks to the module after it was patched.
-    if _weight_is_direct(self.down_proj):
+    if weight_is_direct(self.down_proj):
         return SwiGLUDown.apply(gate, up, self.down_proj.weight)
     return self.down_proj(SwiGLU.apply(gate, up))
+
+
+def is_swiglu_mlp(module: nn.Module) -> bool:
+    """Whether ``module`` is a known SwiGLU MLP class with a SiLU activation: ``down(silu(gate(x)) * up(x))``."""
+    return (
+        type(module).__name__ in SWIGLU_MLP_CLASSES and type(getattr(module, "act_fn", None)).__name__ in _SILU_CLASSES
+    )
 
 
 def patch_swiglu_mlps(model: nn.Module) -> int:
@@ -122,9 +137,7 @@ def patch_swiglu_mlps(model: nn.Module) -> int:
     """
     count = 0
     for module in model.modules():
-        if type(module).__name__ not in SWIGLU_MLP_CLASSES:
-            continue
-        if type(getattr(module, "act_fn", None)).__name__ not in _SILU_CLASSES:
+        if not is_swiglu_mlp(module):
             continue
         module.forward = types.MethodType(_swiglu_forward, module)
         count += 1
