@@ -169,7 +169,9 @@ class TransformersEngine(GenerationEngine):
             ``dtype`` asks for another precision than the policy's.
         dtype: The precision the engine samples in (``float32``, ``bfloat16``, ``float16`` or a ``torch.dtype``);
             None (default) keeps the policy's. Parameters are cast; buffers (rotary frequencies) keep theirs.
-        max_batch_size: Most sequences (prompts x samples) per ``generate`` call; bounds memory.
+        max_batch_size: Most sequences (prompts x samples) per decode loop; bounds the key/value cache's memory.
+            A call with more is split into several loops, each paying every decode step's fixed cost: on the
+            2-core benchmark machine, 72 layer-2 rows took 4.7 s in one loop and 6.0 s as 64 + 8.
         record_logprobs: Return behaviour log-probs (costs one log-softmax per step).
     """
 
@@ -180,7 +182,7 @@ class TransformersEngine(GenerationEngine):
         *,
         share_weights: bool | None = None,
         dtype: str | torch.dtype | None = None,
-        max_batch_size: int = 64,
+        max_batch_size: int = 128,
         record_logprobs: bool = True,
     ) -> None:
         if tokenizer.pad_token_id is None:
