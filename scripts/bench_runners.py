@@ -187,6 +187,7 @@ def run_mgrpo(args: argparse.Namespace, layer2: bool) -> dict[str, Any]:
     module = MGRPOModule(
         model=args.model_dir,
         beta=args.beta,
+        reference_dtype=args.reference_dtype,
         clip_eps=args.epsilon,
         temperature=args.temperature,
         micro_batch_tokens=args.micro_batch_tokens,

@@ -39,6 +39,8 @@ What differs unavoidably (implementation, not work):
 ``--engine-dtype bfloat16`` is not equal work: mgrpo_pl then samples from a bf16 copy of the fp32 policy (as a vLLM
 engine serving in bf16 does) while TRL samples with its fp32 model. The loss is the same (the trainer recomputes every
 log-prob with its fp32 weights), but the samples come from a slightly different distribution. Report it apart.
+``--reference-dtype bfloat16`` is not equal work either: mgrpo_pl's frozen reference is then held and run in bf16 (as
+verl holds it) while TRL's is fp32; only the ``beta``-weighted KL term sees the difference.
 
 The layer-2 run (3) uses an emulated reward by default (``--l2-pass-rate``): math-verify scores every completion (so
 its cost is paid) and a deterministic coin on the text then decides the outcome with that rate, because a random
@@ -109,6 +111,8 @@ def _child_argv(args: argparse.Namespace, part: str, result: str) -> list[str]:
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.engine_dtype is not None:
         argv += ["--engine-dtype", args.engine_dtype]
+    if args.reference_dtype is not None:
+        argv += ["--reference-dtype", args.reference_dtype]
     if args.l2_pass_rate is not None:
         argv += ["--l2-pass-rate", str(args.l2_pass_rate)]
     if args.mgrpo_checkpointing:
@@ -215,7 +219,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{c.get('device', 'cpu')} {c.get('precision', '32-true')}, "
         f"{c['threads']} threads, {c['steps']} measured steps after {c['warmup']} warm-up, "
         f"mgrpo_pl engine `{c.get('engine', 'transformers')}` sampling in "
-        f"{c.get('engine_dtype') or 'the policy dtype'}",
+        f"{c.get('engine_dtype') or 'the policy dtype'}"
+        + (f", reference in {c['reference_dtype']} (not equal work)" if c.get("reference_dtype") else ""),
         "",
         "| figure | mgrpo_pl (GRPO) | TRL GRPOTrainer | mgrpo_pl / TRL |",
         "|---|---|---|---|",
@@ -333,6 +338,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("float32", "bfloat16", "float16"),
         default=None,
         help="mgrpo_pl samples from a copy in this precision (default: the policy's); not TRL's work, see docstring",
+    )
+    p.add_argument(
+        "--reference-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="mgrpo_pl holds its frozen reference in this precision (default: the policy's); not TRL's work",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both frameworks train")
     p.add_argument(

@@ -30,10 +30,20 @@ class Recorder(Callback):
         self.losses.append((float(m["train/loss_layer1"]), float(m["train/loss_layer2"]), float(m["train/kl"])))
 
 
-def _fit(tiny_model_path, reward, steps=3, share_weights=False, beta=0.05, precision="32-true", engine_kwargs=None):
+def _fit(
+    tiny_model_path,
+    reward,
+    steps=3,
+    share_weights=False,
+    beta=0.05,
+    precision="32-true",
+    engine_kwargs=None,
+    reference_dtype=None,
+):
     module = MGRPOModule(
         model=str(tiny_model_path),
         beta=beta,
+        reference_dtype=reference_dtype,
         micro_batch_tokens=256,
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
         lr_schedule="constant",
@@ -207,6 +217,31 @@ def test_shared_prefix_layout_decision():
     assert not shared_prefix_allowed(checkpointed, False, "cpu", "32-true")
     off = SimpleNamespace(shared_prefix=False, gradient_checkpointing=False)
     assert not shared_prefix_allowed(off, False, "cpu", "32-true")
+    half_reference = SimpleNamespace(shared_prefix=True, gradient_checkpointing=False, reference_dtype="bfloat16")
+    assert shared_prefix_allowed(half_reference, False, "cpu", "32-true")
+    assert not shared_prefix_allowed(half_reference, False, "cuda", "32-true")
+
+
+def test_bf16_reference_trains_an_fp32_policy_with_a_near_zero_first_kl(tiny_model_path):
+    torch.manual_seed(0)
+    module, _, recorder, policy_before, reference_before = _fit(
+        tiny_model_path, ParityReward(), steps=2, reference_dtype="bfloat16"
+    )
+    assert {p.dtype for p in module.reference.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module.policy.parameters()} == {torch.float32}
+    for name, value in module.reference.state_dict().items():
+        assert torch.equal(value, reference_before[name]), name
+        # The same checkpoint, rounded: the reference starts where the policy starts, up to bf16 precision.
+        torch.testing.assert_close(value.float(), policy_before[name], rtol=1e-2, atol=1e-2)
+    first_kl = recorder.losses[0][2]
+    # The policy equals the reference at the first step: the k3 KL is only bf16 rounding (an fp32 reference gives 0).
+    assert 0.0 < first_kl < 1e-3
+    assert all(math.isfinite(x) for losses in recorder.losses for x in losses)
+
+
+def test_unknown_reference_dtype_names_the_flag(tiny_model_path):
+    with pytest.raises(ValueError, match=r"--model\.reference_dtype: unknown value 'bf17'"):
+        MGRPOModule(model=str(tiny_model_path), reference_dtype="bf17")
 
 
 def test_memory_efficient_mlp_trains_to_the_same_weights(tiny_model_path):
