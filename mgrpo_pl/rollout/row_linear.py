@@ -11,7 +11,7 @@ A SwiGLU MLP (:func:`~mgrpo_pl.modeling.swiglu.is_swiglu_mlp`) is taken whole in
 and ``W_up @ x^T`` stay [I, rows], the activation and product run on them in place, and only ``W_down``'s [H, rows]
 output is transposed back. Each linear on its own would have to copy its [rows, I] output to a contiguous one (the
 attention's ``.view()`` needs that; elementwise ops on the transposed layout were slower still): for the benchmark's
-64-row layer-2 groups, the copies were 0.14 of a 4.2 s rollout.
+64-row layer-2 groups, the copies took 0.14 s of a 4.2 s rollout.
 
 The product is the same sum in another order (float32 rounding aside), so the sampled tokens and behaviour
 log-probs are those of ``F.linear``. The patch is an instance attribute on each plain ``nn.Linear`` for the duration
@@ -34,7 +34,10 @@ from mgrpo_pl.modeling.swiglu import is_swiglu_mlp, weight_is_direct
 
 __all__ = ["MAX_ROWS", "weight_major_linears"]
 
-MAX_ROWS = 64  # above this the stock kernel is as fast (measured up to 128 rows)
+# Above this the stock kernel is as fast. Where the two cross moved between sessions on the same machine (session 6:
+# from 96 rows on; session 7: 512 -> 4096 with 64 rows favoured F.linear over the product plus its copy), and whole
+# rollouts with a limit of 32, 48 or 64 took the same time within noise.
+MAX_ROWS = 64
 
 
 def _rows(x: Tensor) -> int:
