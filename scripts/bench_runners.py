@@ -219,6 +219,8 @@ def run_mgrpo(args: argparse.Namespace, layer2: bool) -> dict[str, Any]:
     engine_kwargs: dict[str, Any] = {"max_model_len": 2048, "cpu_kv_cache_gib": 1.0} if args.engine == "vllm" else {}
     if args.engine_dtype is not None:
         engine_kwargs["dtype"] = args.engine_dtype
+    if args.no_prefix_cache and args.engine == "transformers":
+        engine_kwargs["prefix_cache_mib"] = 0
     # The transformers engine shares the policy in the GRPO part (unless it samples in another dtype); the MGRPO part
     # keeps a copy so that the per-step weight refresh is a real copy whose time is measured. vLLM always gets a push.
     source = RolloutCallback(engine=args.engine, share_weights=False if layer2 else None, engine_kwargs=engine_kwargs)

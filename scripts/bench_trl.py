@@ -115,18 +115,10 @@ def _child_argv(args: argparse.Namespace, part: str, result: str) -> list[str]:
         argv += ["--reference-dtype", args.reference_dtype]
     if args.l2_pass_rate is not None:
         argv += ["--l2-pass-rate", str(args.l2_pass_rate)]
-    if args.mgrpo_checkpointing:
-        argv.append("--mgrpo-checkpointing")
-    if args.reuse_probe:
-        argv.append("--reuse-probe")
-    if args.joint_layer2:
-        argv.append("--joint-layer2")
-    if args.trl_no_checkpointing:
-        argv.append("--trl-no-checkpointing")
-    if args.no_shared_prefix:
-        argv.append("--no-shared-prefix")
-    if args.plain_mlp:
-        argv.append("--plain-mlp")
+    switches = (
+        "mgrpo_checkpointing reuse_probe joint_layer2 trl_no_checkpointing no_shared_prefix plain_mlp no_prefix_cache"
+    )
+    argv += [f"--{key.replace('_', '-')}" for key in switches.split() if getattr(args, key)]
     return argv
 
 
@@ -326,6 +318,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--no-shared-prefix", action="store_true", help="mgrpo_pl: train every row in the plain padded layout"
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="mgrpo part: the transformers engine recomputes layer 2's query prefixes (prefix_cache_mib=0)",
     )
     p.add_argument(
         "--engine",

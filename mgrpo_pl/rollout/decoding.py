@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from mgrpo_pl.rollout.prefix_cache import PrefixCache
 from mgrpo_pl.rollout.row_linear import weight_major_linears
 from mgrpo_pl.rollout.types import SamplingConfig
 
@@ -173,6 +174,34 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Ten
     return ids, mask
 
 
+def _reusable_layers(cache: DynamicCache) -> list[_ReservedLayer] | None:
+    """The cache's layers when every one is a full-attention ``_ReservedLayer`` (the only kind whose keys a prefix
+    cache can hold and splice), else None."""
+    layers = list(getattr(cache, "layers", None) or [])
+    return layers if layers and all(type(layer) is _ReservedLayer for layer in layers) else None
+
+
+def _remember(
+    prefix: PrefixCache,
+    layers: Sequence[_ReservedLayer],
+    rows: Tensor,
+    mask: Tensor,
+    sequences: Sequence[Sequence[int]],
+    fed: Sequence[int],
+) -> None:
+    """Store batch rows ``rows``: the first ``fed[i]`` tokens of ``sequences[i]`` (the tokens whose keys the cache
+    holds) with those keys, found where ``mask`` is 1 (left and middle padding skipped)."""
+    width = layers[0].keys.shape[-2]
+    for i, row in enumerate(rows.tolist()):
+        count = fed[i]
+        if count <= 0:
+            continue
+        positions = mask[row, :width].nonzero().squeeze(1)[:count]
+        kv = [(layer.keys[row][:, positions], layer.values[row][:, positions]) for layer in layers]  # copies
+        if not prefix.add(torch.as_tensor(list(sequences[i][:count]), dtype=torch.long), kv):
+            return
+
+
 @torch.no_grad()
 def sample_completions(
     model: nn.Module,
@@ -182,6 +211,7 @@ def sample_completions(
     end_ids: Sequence[int],
     pad_id: int,
     compact_below: float = 0.75,
+    prefix: PrefixCache | None = None,
 ) -> tuple[list[list[int]], list[bool], list[list[float]]]:
     """``n`` completions per prompt, prompt-major: token ids (up to and including the end token), whether an end
     token was produced, and the behaviour log-prob of each token.
@@ -190,6 +220,8 @@ def sample_completions(
         model: A transformers causal LM that takes ``past_key_values``, ``position_ids`` and a 2-D attention mask.
         compact_below: Drop finished rows from the batch once the live ones fall to this fraction of it (each drop
             copies the cache once; until then finished rows keep stepping but nothing of theirs is kept).
+        prefix: Keys and values from earlier calls of the same rollout: a prompt that starts like a stored sequence
+            computes only the rest, and every sampled row is stored for later calls (``prefix_cache.py``).
     """
     if not prompts:
         return [], [], []
@@ -197,11 +229,25 @@ def sample_completions(
         raise ValueError("cannot generate from an empty prompt")
     device = next(model.parameters()).device
     steps = sampling.max_new_tokens
-    ids, mask = left_pad(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
+    matches = prefix.match(prompts) if prefix is not None else [(-1, 0)] * len(prompts)
+    reused = max(length for _, length in matches)
+    # Each row is [left pad | reused keys | pad | rest of the prompt]: the reused part and the rest are each
+    # right-aligned, so every prompt's last token sits in the last column; the mask hides both pads.
+    rests = [p[length:] for p, (_, length) in zip(prompts, matches)]
+    ids, rest_mask = left_pad(rests, pad_id)
+    reused_mask = torch.zeros((len(prompts), reused), dtype=torch.long)
+    for row, (_, length) in enumerate(matches):
+        reused_mask[row, reused - length :] = 1
+    ids, mask = ids.to(device), torch.cat([reused_mask, rest_mask], dim=1).to(device)
     width = ids.shape[1]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = new_cache(model, reserve=steps + 1)
+    positions = ((mask.cumsum(-1) - 1).clamp(min=0))[:, reused:]
+    cache = new_cache(model, reserve=steps + width)
+    layers = _reusable_layers(cache) if prefix is not None else None
+    if reused and layers is not None:
+        for layer, (keys, values) in zip(layers, prefix.gather(matches, reused)):  # type: ignore[union-attr]
+            layer.update(keys.to(device), values.to(device))
+    elif reused:  # a model whose cache cannot take spliced keys: compute every prompt whole
+        return sample_completions(model, prompts, n, sampling, end_ids, pad_id, compact_below, None)
     if width > 1:
         # Everything but each prompt's last token, once per distinct prompt; the last token opens the decode loop.
         model(
@@ -212,8 +258,8 @@ def sample_completions(
             use_cache=True,
             logits_to_keep=1,
         )
-        if n > 1:
-            cache.batch_repeat_interleave(n)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
     mask = mask.repeat_interleave(n, dim=0)
     current = ids[:, -1:].repeat_interleave(n, dim=0)
     position = positions[:, -1:].repeat_interleave(n, dim=0)
@@ -225,6 +271,18 @@ def sample_completions(
     end = torch.tensor(list(end_ids), dtype=torch.long, device=device)
     slot = torch.arange(rows, device=device)  # the output row of each batch row
     live = torch.ones(rows, dtype=torch.bool, device=device)
+
+    def store(batch_rows: Tensor) -> None:
+        """Put these batch rows' prompt + fed completion tokens into ``prefix`` (the last sampled token was never
+        fed, so its keys do not exist)."""
+        if prefix is None or layers is None or not len(batch_rows):
+            return
+        slots = slot[batch_rows].tolist()
+        done = lengths[slot[batch_rows]].tolist()
+        sequences = [list(prompts[s // n]) + out[s, : max(d - 1, 0)].tolist() for s, d in zip(slots, done)]
+        fed = [len(prompts[s // n]) + max(d - 1, 0) for s, d in zip(slots, done)]
+        _remember(prefix, layers, batch_rows, mask, sequences, fed)
+
     # Decode steps push a few rows through every linear layer: the weight-major product is faster there on a CPU.
     with weight_major_linears(model):
         for step in range(steps):
@@ -245,10 +303,12 @@ def sample_completions(
             current, position = token[:, None], position + 1
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             if alive <= compact_below * len(live):
+                store((~live).nonzero().squeeze(1))
                 index = live.nonzero().squeeze(1)
                 cache.batch_select_indices(index)
                 current, position, mask, slot = current[index], position[index], mask[index], slot[index]
                 live = torch.ones(alive, dtype=torch.bool, device=device)
+    store(torch.arange(len(slot), device=device))
     lengths_list = lengths.tolist()
     out_list, lp_list = out.cpu().tolist(), out_lp.cpu().tolist()
     token_ids = [seq[:length] for seq, length in zip(out_list, lengths_list)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -183,6 +184,11 @@ class MGRPORollout:
     @torch.no_grad()
     def rollout(self, engine: GenerationEngine, problems: Sequence[Problem], step: int = 0) -> RolloutBatch:
         """The two-layer rollout of one training step; ``step`` (the global step) keys per-problem seeding."""
+        # Layer 2's queries start with layer 1's sequences, and its groups with the probes' queries.
+        with engine.reuse_prefixes() if self.config.layer2 else nullcontext():
+            return self._rollout(engine, problems, step)
+
+    def _rollout(self, engine: GenerationEngine, problems: Sequence[Problem], step: int) -> RolloutBatch:
         c = self.config
         B, G, H = len(problems), c.num_generations, c.num_corrections
         timings = {"generate": 0.0, "reward": 0.0}
@@ -384,7 +390,7 @@ class MGRPORollout:
         are scored."""
         # Evaluation samples from its own seeded stream: results do not depend on when in training it runs, and it
         # leaves the training RNG untouched (exact resume).
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), engine.reuse_prefixes():  # turn 2 starts with turn 1's sequences
             torch.manual_seed(self.config.seed + zlib.crc32(problems[0].id.encode()) if problems else self.config.seed)
             return self._evaluate(engine, problems)
 
