@@ -7,7 +7,9 @@ all keys and values at every step. This loop instead
 
 1. runs each distinct prompt once (all but its last token) and repeats the resulting cache to its n rows;
 2. samples one token per live row per step, writing keys and values into a cache with room reserved up front;
-3. drops finished rows from the batch once enough of them have ended (``compact_below``).
+3. drops finished rows from the batch once enough of them have ended (``compact_below``);
+4. given a ``PrefixCache`` (one rollout's), starts each prompt from the keys and values of the earlier sequence it
+   shares the longest prefix with, and stores every row it samples (``prefix_cache.py``).
 
 Sampling follows ``SamplingConfig`` only (temperature, then top-k, then top-p, as transformers' warpers order them);
 the model's own generation config (repetition penalty and the like) is not applied, as in the vLLM engine. The
