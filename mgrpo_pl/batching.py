@@ -136,7 +136,50 @@ class SharedPrefixMicroBatch:
     engine_logprobs: Tensor | None
 
 
-def _prompt_keys(batch: RolloutBatch) -> list[int]:
+@dataclass
+class Suffixes:
+    """The per-row part of a prefix-sharing pass: R rows, K columns, right-padded.
+
+    A row's suffix starts at its prompt's last token (whose logit predicts the first completion token) and runs to
+    its completion's second-to-last token; ``targets`` are the completion tokens, ``mask`` those that are trained,
+    ``attention_mask`` the real suffix columns and ``position_ids`` continue the prompt's positions.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    targets: Tensor
+    mask: Tensor
+    engine_logprobs: Tensor | None
+
+
+def collate_suffixes(batch: RolloutBatch, rows: list[int], pad_id: int, mask_truncated: bool) -> Suffixes:
+    """The right-padded suffixes, targets and masks of the chosen sequences of ``batch``."""
+    seqs = [batch.sequences[i] for i in rows]
+    device = seqs[0].device
+    plens = [int(batch.prompt_lengths[i]) for i in rows]
+    comp = [len(s) - p for s, p in zip(seqs, plens)]
+    keep = max(max(comp), 1)
+    input_ids = torch.full((len(rows), keep), pad_id, dtype=torch.long, device=device)
+    targets = torch.full((len(rows), keep), pad_id, dtype=torch.long, device=device)
+    suffix_mask = torch.zeros((len(rows), keep), dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), keep), dtype=torch.bool, device=device)
+    engine_lp = torch.zeros((len(rows), keep), device=device) if batch.engine_logprobs is not None else None
+    for r, (i, seq, plen) in enumerate(zip(rows, seqs, plens)):
+        suffix = seq[plen - 1 : -1] if comp[r] else seq[plen - 1 : plen]
+        input_ids[r, : len(suffix)] = suffix
+        suffix_mask[r, : len(suffix)] = 1
+        targets[r, : comp[r]] = seq[plen:]
+        if comp[r] and not (mask_truncated and bool(batch.truncated[i])):
+            mask[r, : comp[r]] = True
+        if engine_lp is not None and comp[r]:
+            engine_lp[r, : comp[r]] = batch.engine_logprobs[i][: comp[r]].to(device)  # type: ignore[index]
+    prompt_len = torch.tensor(plens, dtype=torch.long, device=device)
+    position_ids = (prompt_len - 1)[:, None] + torch.arange(keep, device=device)[None, :]
+    return Suffixes(input_ids, suffix_mask, position_ids, targets, mask, engine_lp)
+
+
+def prompt_keys(batch: RolloutBatch) -> list[int]:
     """Per sequence, an id shared by exactly the sequences whose prompts are identical."""
     ids: dict[tuple[int, ...], int] = {}
     keys = []
@@ -155,7 +198,7 @@ def shared_prefix_plan(batch: RolloutBatch, max_tokens: int) -> list[list[int]] 
     prompt_lengths = batch.prompt_lengths.tolist()
     if not prompt_lengths or min(prompt_lengths) < 2:
         return None
-    keys = _prompt_keys(batch)
+    keys = prompt_keys(batch)
     if len(set(keys)) == len(keys):
         return None
     suffix = [max(int(c), 1) for c in batch.completion_lengths.tolist()]
@@ -169,8 +212,6 @@ def collate_shared_prefix(
     seqs = [batch.sequences[i] for i in rows]
     device = seqs[0].device
     plens = [int(batch.prompt_lengths[i]) for i in rows]
-    comp = [len(s) - p for s, p in zip(seqs, plens)]
-    keep = max(max(comp), 1)
     slot: dict[tuple[int, ...], int] = {}
     prefixes: list[Tensor] = []
     index = []
@@ -187,37 +228,21 @@ def collate_shared_prefix(
         prefix_ids[u, width - len(prefix) :] = prefix
         prefix_mask[u, width - len(prefix) :] = 1
     prefix_index = torch.tensor(index, dtype=torch.long, device=device)
-    input_ids = torch.full((len(rows), keep), pad_id, dtype=torch.long, device=device)
-    targets = torch.full((len(rows), keep), pad_id, dtype=torch.long, device=device)
-    suffix_mask = torch.zeros((len(rows), keep), dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), keep), dtype=torch.bool, device=device)
-    engine_lp = torch.zeros((len(rows), keep), device=device) if batch.engine_logprobs is not None else None
-    for r, (i, seq, plen) in enumerate(zip(rows, seqs, plens)):
-        # The suffix starts at the prompt's last token: its logit predicts the first completion token.
-        suffix = seq[plen - 1 : -1] if comp[r] else seq[plen - 1 : plen]
-        input_ids[r, : len(suffix)] = suffix
-        suffix_mask[r, : len(suffix)] = 1
-        targets[r, : comp[r]] = seq[plen:]
-        if comp[r] and not (mask_truncated and bool(batch.truncated[i])):
-            mask[r, : comp[r]] = True
-        if engine_lp is not None and comp[r]:
-            engine_lp[r, : comp[r]] = batch.engine_logprobs[i][: comp[r]].to(device)  # type: ignore[index]
-    prompt_len = torch.tensor(plens, dtype=torch.long, device=device)
-    position_ids = (prompt_len - 1)[:, None] + torch.arange(keep, device=device)[None, :]
+    suffixes = collate_suffixes(batch, rows, pad_id, mask_truncated)
     select = torch.tensor(rows, device=batch.advantages.device)
     return SharedPrefixMicroBatch(
         prefix_ids=prefix_ids,
         prefix_mask=prefix_mask,
         prefix_positions=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
         prefix_index=prefix_index,
-        input_ids=input_ids,
-        attention_mask=torch.cat([prefix_mask[prefix_index], suffix_mask], dim=1),
-        position_ids=position_ids,
-        targets=targets,
-        mask=mask,
+        input_ids=suffixes.input_ids,
+        attention_mask=torch.cat([prefix_mask[prefix_index], suffixes.attention_mask], dim=1),
+        position_ids=suffixes.position_ids,
+        targets=suffixes.targets,
+        mask=suffixes.mask,
         advantages=batch.advantages[select],
         layer=batch.layer[select],
-        engine_logprobs=engine_lp,
+        engine_logprobs=suffixes.engine_logprobs,
     )
 
 
@@ -237,23 +262,40 @@ def completion_logits(model: nn.Module, mb: MicroBatch | SharedPrefixMicroBatch)
             use_cache=False,
         )
         return out.logits[:, :-1]
+    return shared_prefix_logits(model, mb, new_cache(model))
+
+
+def new_cache(model: nn.Module) -> DynamicCache:
+    """An empty key/value cache for ``model``."""
     config = getattr(model, "config", None)
-    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    return DynamicCache(config=config) if config is not None else DynamicCache()
+
+
+def shared_prefix_logits(model: nn.Module, mb: SharedPrefixMicroBatch, cache: DynamicCache) -> Tensor:
+    """[R, K, V] suffix logits of a shared-prefix pass; ``cache`` is left holding each row's prefix and suffix keys
+    and values ([R, ..., P + K, ...], with their graph), for a pass that continues the rows."""
     # Only the cache is wanted from the prefix pass; one logit column is the least transformers lets us ask for.
-    model(
-        input_ids=mb.prefix_ids,
-        attention_mask=mb.prefix_mask,
-        position_ids=mb.prefix_positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    cached_pass(model, cache, mb.prefix_ids, mb.prefix_mask, mb.prefix_positions, cache_only=True)
     cache.batch_select_indices(mb.prefix_index)
+    return cached_pass(model, cache, mb.input_ids, mb.attention_mask, mb.position_ids)
+
+
+def cached_pass(
+    model: nn.Module,
+    cache: DynamicCache,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    cache_only: bool = False,
+) -> Tensor:
+    """Run ``input_ids`` on top of ``cache`` (which it extends); ``attention_mask`` covers the cached columns and the
+    new ones. Returns the logits of every new position, or of the last one only when ``cache_only``."""
     out = model(
-        input_ids=mb.input_ids,
-        attention_mask=mb.attention_mask,
-        position_ids=mb.position_ids,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
         past_key_values=cache,
         use_cache=True,
+        **({"logits_to_keep": 1} if cache_only else {}),
     )
     return out.logits

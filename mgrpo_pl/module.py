@@ -29,7 +29,6 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from mgrpo_pl.algo.logprobs import token_logprobs
 from mgrpo_pl.algo.losses import LossAggregation, aggregate, loss_stats, policy_loss, truncated_is_weights
 from mgrpo_pl.algo.packing import pack_by_token_budget
 from mgrpo_pl.batching import (
@@ -37,7 +36,6 @@ from mgrpo_pl.batching import (
     SharedPrefixMicroBatch,
     collate_micro_batch,
     collate_shared_prefix,
-    completion_logits,
     completion_mask_counts,
     shared_prefix_plan,
 )
@@ -54,6 +52,7 @@ from mgrpo_pl.evaluation import TwoTurnEvaluation
 from mgrpo_pl.metrics import SelfCorrectionMetrics
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
 from mgrpo_pl.modeling.swiglu import patch_swiglu_mlps
+from mgrpo_pl.prefix_tree import ContinuedMicroBatch, collate_prefix_tree, completion_logprobs, prefix_tree_plan
 from mgrpo_pl.rollout.engine import is_sharded
 from mgrpo_pl.rollout.types import RolloutBatch
 from mgrpo_pl.schedules import ScheduleName, warmup_schedule
@@ -122,6 +121,9 @@ class MGRPOModule(TwoTurnEvaluation):
             sequence, without recomputing the G (or H) copies of the prefix. Off by itself under gradient
             checkpointing and sharded strategies (FSDP, ZeRO-3), where no prompt repeats, and under half-precision
             autocast on a GPU (``shared_prefix_allowed``).
+        prefix_tree: With ``shared_prefix``, pack each problem's layer-1 group with its layer-2 groups where the
+            budget allows, and run a layer-2 group on top of the keys and values of the layer-1 row its query repeats
+            (``mgrpo_pl.prefix_tree``): the same loss and gradient, without recomputing ``q ⊕ o_i`` per kept query.
         max_grad_norm: Gradient-norm clip; None disables it.
         tis_cap: Truncated importance sampling: weight each token's surrogate by ``min(pi_trainer / pi_engine,
             tis_cap)``, correcting for the generation engine's numerics (vLLM) differing from the trainer's. None
@@ -155,6 +157,7 @@ class MGRPOModule(TwoTurnEvaluation):
         temperature: float = 1.0,
         micro_batch_tokens: int = 8192,
         shared_prefix: bool = True,
+        prefix_tree: bool = True,
         max_grad_norm: float | None = 1.0,
         tis_cap: float | None = None,
         mask_truncated: bool = False,
@@ -266,10 +269,12 @@ class MGRPOModule(TwoTurnEvaluation):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- log-probs -----------------------------------------------------------------------------------------------
-    def _completion_logprobs(self, model: nn.Module, mb: MicroBatch | SharedPrefixMicroBatch) -> Tensor:
+    def _completion_logprobs(
+        self, model: nn.Module, mb: MicroBatch | SharedPrefixMicroBatch | ContinuedMicroBatch
+    ) -> Tensor:
         """[R, K] log-probs of the micro-batch's completion tokens (logits only where a completion token is
         predicted), aligned with ``mb.targets``."""
-        return token_logprobs(completion_logits(model, mb), mb.targets, temperature=self.hparams.temperature)
+        return completion_logprobs(model, mb, temperature=self.hparams.temperature)
 
     # -- training ------------------------------------------------------------------------------------------------
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor:
@@ -309,9 +314,14 @@ class MGRPOModule(TwoTurnEvaluation):
         grad_scale = float(self.trainer.world_size) if reduce is not None else 1.0
         plan = None
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        collate: Any = collate_micro_batch
         if shared_prefix_allowed(hp, is_sharded(self.policy), self.device.type, precision):
-            plan = shared_prefix_plan(batch, hp.micro_batch_tokens)
-        collate = collate_shared_prefix if plan is not None else collate_micro_batch
+            if hp.prefix_tree:
+                plan, collate = prefix_tree_plan(batch, hp.micro_batch_tokens), collate_prefix_tree
+            else:
+                plan, collate = shared_prefix_plan(batch, hp.micro_batch_tokens), collate_shared_prefix
+        if plan is None:
+            collate = collate_micro_batch
         if plan is None:
             plan = pack_by_token_budget([len(s) for s in batch.sequences], hp.micro_batch_tokens)
         micro: list[list[int] | None] = list(plan)

@@ -190,11 +190,14 @@ def run_mgrpo(args: argparse.Namespace, layer2: bool) -> dict[str, Any]:
         reference_dtype=args.reference_dtype,
         clip_eps=args.epsilon,
         temperature=args.temperature,
-        micro_batch_tokens=args.micro_batch_tokens,
+        micro_batch_tokens=(
+            args.layer2_micro_batch_tokens if layer2 and args.layer2_micro_batch_tokens else args.micro_batch_tokens
+        ),
         max_grad_norm=1.0,
         gradient_checkpointing=args.mgrpo_checkpointing,
         memory_efficient_mlp=not args.plain_mlp,
         shared_prefix=not args.no_shared_prefix,
+        prefix_tree=not args.no_prefix_tree,
         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0, fused=True),
         lr_schedule="constant",
         warmup_ratio=0.0,

@@ -115,8 +115,11 @@ def _child_argv(args: argparse.Namespace, part: str, result: str) -> list[str]:
         argv += ["--reference-dtype", args.reference_dtype]
     if args.l2_pass_rate is not None:
         argv += ["--l2-pass-rate", str(args.l2_pass_rate)]
+    if args.layer2_micro_batch_tokens is not None:
+        argv += ["--layer2-micro-batch-tokens", str(args.layer2_micro_batch_tokens)]
     switches = (
-        "mgrpo_checkpointing reuse_probe joint_layer2 trl_no_checkpointing no_shared_prefix plain_mlp no_prefix_cache"
+        "mgrpo_checkpointing reuse_probe joint_layer2 trl_no_checkpointing no_shared_prefix plain_mlp no_prefix_cache "
+        "no_prefix_tree"
     )
     argv += [f"--{key.replace('_', '-')}" for key in switches.split() if getattr(args, key)]
     return argv
@@ -312,12 +315,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1024,
         help="mgrpo_pl's computed tokens per forward (one group is ~G * max completion; see the docstring)",
     )
+    p.add_argument(
+        "--layer2-micro-batch-tokens",
+        type=int,
+        default=None,
+        help="the mgrpo part's budget instead (a problem's layer-1 group and its layer-2 groups are ~1,600 tokens at a "
+        "50%% pass rate, which the prefix tree trains together only in one micro-batch)",
+    )
     p.add_argument("--mgrpo-checkpointing", action="store_true", help="gradient checkpointing in mgrpo_pl too")
     p.add_argument(
         "--plain-mlp", action="store_true", help="mgrpo_pl: the MLPs' stock autograd (memory_efficient_mlp=False)"
     )
     p.add_argument(
         "--no-shared-prefix", action="store_true", help="mgrpo_pl: train every row in the plain padded layout"
+    )
+    p.add_argument(
+        "--no-prefix-tree",
+        action="store_true",
+        help="mgrpo part: train layer-2 groups without the keys and values of their layer-1 row (prefix_tree=False)",
     )
     p.add_argument(
         "--no-prefix-cache",

@@ -91,7 +91,8 @@ def test_every_option_reaches_the_part_subprocesses():
         "--epsilon=0.3", "--micro-batch-tokens=77", "--reward-workers=2", "--seed=7", "--engine=vllm",
         "--device=cuda", "--precision=bf16-mixed", "--l2-pass-rate=0.25", "--mgrpo-checkpointing",
         "--reuse-probe", "--joint-layer2", "--trl-no-checkpointing", "--no-shared-prefix", "--engine-dtype=bfloat16",
-        "--plain-mlp", "--reference-dtype=bfloat16", "--no-prefix-cache",
+        "--plain-mlp", "--reference-dtype=bfloat16", "--no-prefix-cache", "--no-prefix-tree",
+        "--layer2-micro-batch-tokens=99",
     ]  # fmt: skip
     parent = bench_trl.parse_args(changed)
     defaults = bench_trl.parse_args([])

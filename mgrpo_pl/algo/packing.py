@@ -7,7 +7,9 @@ up to a budget of padded tokens keeps padding small while bounding peak memory.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 def pack_by_token_budget(lengths: Sequence[int], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
@@ -89,4 +91,140 @@ def pack_shared_prefix(
             longest_prefix, longest_suffix = prefix, suffix
     if current:
         batches.append(current)
+    return batches
+
+
+@dataclass
+class _Fill:
+    """What a prefix-tree micro-batch computes: ``roots * root_prefix + root_rows * root_suffix`` for the groups
+    whose prefix it runs, plus ``groups * extra + group_rows * group_suffix`` for the groups that continue a row."""
+
+    roots: int = 0
+    root_rows: int = 0
+    root_prefix: int = 0
+    root_suffix: int = 0
+    groups: int = 0
+    group_rows: int = 0
+    extra: int = 0
+    group_suffix: int = 0
+
+    def cost(self) -> int:
+        return (
+            self.roots * self.root_prefix
+            + self.root_rows * self.root_suffix
+            + self.groups * self.extra
+            + self.group_rows * self.group_suffix
+        )
+
+    def merge(self, other: _Fill) -> _Fill:
+        return _Fill(
+            self.roots + other.roots,
+            self.root_rows + other.root_rows,
+            max(self.root_prefix, other.root_prefix),
+            max(self.root_suffix, other.root_suffix),
+            self.groups + other.groups,
+            self.group_rows + other.group_rows,
+            max(self.extra, other.extra),
+            max(self.group_suffix, other.group_suffix),
+        )
+
+
+def pack_prefix_trees(
+    prefix_ids: Sequence[int],
+    prefix_lengths: Sequence[int],
+    suffix_lengths: Sequence[int],
+    parents: Sequence[int],
+    extra_lengths: Sequence[int],
+    max_tokens: int,
+) -> list[list[int]]:
+    """Like ``pack_shared_prefix``, but a group whose prefix continues another row's computed tokens is packed with
+    that row where the budget allows, so that it computes only the ``extra`` tokens past them.
+
+    MGRPO's layer-2 query is the layer-1 sequence it corrects plus a guide phrase: with the layer-1 row in the same
+    micro-batch, a layer-2 group runs the guide phrase on top of that row's key/value cache instead of the whole
+    query. A family is a root row (one without a parent) with the groups that continue it. Root groups are taken
+    longest first and their rows one by one, those with the most children first; a family goes whole into the
+    current micro-batch if it fits, else into a new one (so a root group is split where needed: that repeats its
+    prefix, which for MGRPO's prompt costs less than repeating the layer-1 sequence in each query). The children of
+    a family too big for the budget alone that do not fit with it, and children whose parent has a parent, are
+    packed by ``pack_shared_prefix`` as plain groups. Every index appears exactly once.
+
+    Args:
+        prefix_ids, prefix_lengths, suffix_lengths: as for ``pack_shared_prefix`` (the prefix is the whole one, used
+            when a group is packed without its parent).
+        parents: For each row, the row whose computed tokens its prefix continues, or -1; equal within a prefix id,
+            and a parent's own parent is -1.
+        extra_lengths: For each row with a parent, its prefix tokens past the parent's (equal within a prefix id).
+        max_tokens: Budget of computed (padded) tokens per micro-batch.
+    """
+    n = len(prefix_ids)
+    if not n == len(prefix_lengths) == len(suffix_lengths) == len(parents) == len(extra_lengths):
+        raise ValueError("prefix_ids, prefix_lengths, suffix_lengths, parents and extra_lengths must have one length")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    groups: dict[int, list[int]] = {}
+    for i, pid in enumerate(prefix_ids):
+        groups.setdefault(pid, []).append(i)
+    for rows in groups.values():
+        rows.sort(key=lambda i: -suffix_lengths[i])
+    children: dict[int, list[list[int]]] = {}
+    roots: list[list[int]] = []
+    for rows in groups.values():
+        parent = parents[rows[0]]
+        if parent < 0:
+            roots.append(rows)
+        elif parents[parent] >= 0:
+            raise ValueError(f"row {rows[0]}'s parent {parent} has a parent of its own")
+        else:
+            children.setdefault(parent, []).append(rows)
+    for kids in children.values():
+        kids.sort(key=lambda k: (-(extra_lengths[k[0]] + suffix_lengths[k[0]]), k[0]))
+    roots.sort(key=lambda rows: (-(prefix_lengths[rows[0]] + suffix_lengths[rows[0]]), rows[0]))
+    leftover: list[int] = []
+    batches: list[list[int]] = []
+    current: list[int] = []
+    fill, seen = _Fill(), set()
+
+    def kid_fill(kid: list[int]) -> _Fill:
+        return _Fill(groups=1, group_rows=len(kid), extra=extra_lengths[kid[0]], group_suffix=suffix_lengths[kid[0]])
+
+    for rows in roots:
+        pid = prefix_ids[rows[0]]
+        for row in sorted(rows, key=lambda i: (-len(children.get(i, [])), -suffix_lengths[i], i)):
+            kids = children.pop(row, [])
+            alone = _Fill(1, 1, prefix_lengths[row], suffix_lengths[row])
+            family = alone
+            for kid in kids:
+                family = family.merge(kid_fill(kid))
+            # The prefix is paid once per micro-batch: not again when the root group is already in the current one.
+            joined = fill.merge(dataclasses.replace(family, roots=0) if pid in seen else family)
+            if current and joined.cost() > max_tokens:
+                batches.append(current)
+                current, fill, seen = [], _Fill(), set()
+                joined = family
+            if joined.cost() <= max_tokens:
+                current, fill = current + [row] + [i for kid in kids for i in kid], joined
+            else:
+                # A family too big alone: its row, and the children that fit with it.
+                fill = fill.merge(dataclasses.replace(alone, roots=0) if pid in seen else alone)
+                current.append(row)
+                for kid in kids:
+                    grown = fill.merge(kid_fill(kid))
+                    if grown.cost() <= max_tokens:
+                        current, fill = current + kid, grown
+                    else:
+                        leftover += kid
+            seen.add(pid)
+    if current:
+        batches.append(current)
+    # Children whose parent is no root here (a parent's parent was set): plain groups.
+    leftover += [i for kids in children.values() for kid in kids for i in kid]
+    if leftover:
+        sub = pack_shared_prefix(
+            [prefix_ids[i] for i in leftover],
+            [prefix_lengths[i] for i in leftover],
+            [suffix_lengths[i] for i in leftover],
+            max_tokens,
+        )
+        batches += [[leftover[j] for j in b] for b in sub]
     return batches
