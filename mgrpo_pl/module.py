@@ -30,15 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from mgrpo_pl.algo.losses import LossAggregation, aggregate, loss_stats, policy_loss, truncated_is_weights
-from mgrpo_pl.algo.packing import pack_by_token_budget
-from mgrpo_pl.batching import (
-    MicroBatch,
-    SharedPrefixMicroBatch,
-    collate_micro_batch,
-    collate_shared_prefix,
-    completion_mask_counts,
-    shared_prefix_plan,
-)
+from mgrpo_pl.batching import MicroBatch, SharedPrefixMicroBatch, completion_mask_counts
 from mgrpo_pl.distributed import (
     ROLLOUT_STAT_NAMES,
     Reduce,
@@ -52,7 +44,7 @@ from mgrpo_pl.evaluation import TwoTurnEvaluation
 from mgrpo_pl.metrics import SelfCorrectionMetrics
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
 from mgrpo_pl.modeling.swiglu import patch_swiglu_mlps
-from mgrpo_pl.prefix_tree import ContinuedMicroBatch, collate_prefix_tree, completion_logprobs, prefix_tree_plan
+from mgrpo_pl.prefix_tree import ContinuedMicroBatch, completion_logprobs, micro_batch_layout
 from mgrpo_pl.rollout.engine import is_sharded
 from mgrpo_pl.rollout.types import RolloutBatch
 from mgrpo_pl.schedules import ScheduleName, warmup_schedule
@@ -312,18 +304,9 @@ class MGRPOModule(TwoTurnEvaluation):
         norm_length = hp.norm_length or max(int(batch.completion_lengths.max()), 1)
         counts, norm_length = global_normalisers(counts, norm_length, reduce, self.device)
         grad_scale = float(self.trainer.world_size) if reduce is not None else 1.0
-        plan = None
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
-        collate: Any = collate_micro_batch
-        if shared_prefix_allowed(hp, is_sharded(self.policy), self.device.type, precision):
-            if hp.prefix_tree:
-                plan, collate = prefix_tree_plan(batch, hp.micro_batch_tokens), collate_prefix_tree
-            else:
-                plan, collate = shared_prefix_plan(batch, hp.micro_batch_tokens), collate_shared_prefix
-        if plan is None:
-            collate = collate_micro_batch
-        if plan is None:
-            plan = pack_by_token_budget([len(s) for s in batch.sequences], hp.micro_batch_tokens)
+        shared = shared_prefix_allowed(hp, is_sharded(self.policy), self.device.type, precision)
+        plan, collate = micro_batch_layout(batch, hp.micro_batch_tokens, shared=shared, tree=hp.prefix_tree)
         micro: list[list[int] | None] = list(plan)
         if reduce is not None and is_sharded(self.policy):
             # Sharded forwards are collectives: every rank runs as many micro-batches as the busiest one, the

@@ -11,11 +11,12 @@ query tokens per kept group, in the policy's forward and backward and in the ref
 ``prefix_tree_plan`` packs each problem's layer-1 group with as many of its layer-2 groups as the token budget allows
 (``mgrpo_pl.algo.packing.pack_prefix_trees``); ``collate_prefix_tree`` finds, within a micro-batch, which layer-2
 groups continue a layer-1 row (by comparing tokens, so it needs no bookkeeping from the rollout) and builds the two
-stages; ``completion_logprobs`` runs any of the three layouts.
+stages; ``micro_batch_layout`` picks one of the three layouts for a step and ``completion_logprobs`` runs any of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgrpo_pl.algo.logprobs import token_logprobs
-from mgrpo_pl.algo.packing import pack_prefix_trees
+from mgrpo_pl.algo.packing import pack_by_token_budget, pack_prefix_trees
 from mgrpo_pl.batching import (
     MicroBatch,
     SharedPrefixMicroBatch,
     cached_pass,
+    collate_micro_batch,
     collate_shared_prefix,
     collate_suffixes,
     completion_logits,
@@ -145,6 +147,22 @@ def prefix_tree_plan(batch: RolloutBatch, max_tokens: int) -> list[list[int]] | 
     return pack_prefix_trees(prompt_keys(batch), [p - 1 for p in plens], suffix, parent, extra, max_tokens)
 
 
+Collate = Callable[[RolloutBatch, list[int], int, bool], MicroBatch | SharedPrefixMicroBatch | ContinuedMicroBatch]
+
+
+def micro_batch_layout(
+    batch: RolloutBatch, max_tokens: int, shared: bool, tree: bool
+) -> tuple[list[list[int]], Collate]:
+    """A step's micro-batches (row indices) and the collate function that builds them: the prefix tree (``shared``
+    and ``tree``), plain prefix sharing (``shared``), or, where sharing is off or cannot apply, the left-padded
+    layout packed by token budget."""
+    if shared:
+        plan = prefix_tree_plan(batch, max_tokens) if tree else shared_prefix_plan(batch, max_tokens)
+        if plan is not None:
+            return plan, collate_prefix_tree if tree else collate_shared_prefix
+    return pack_by_token_budget([len(s) for s in batch.sequences], max_tokens), collate_micro_batch
+
+
 def _pad_columns(x: Tensor, width: int, value: float = 0) -> Tensor:
     return F.pad(x, (0, width - x.shape[1]), value=value)
 
@@ -190,7 +208,7 @@ def collate_prefix_tree(
     suffixes = collate_suffixes(batch, cont_rows, pad_id, mask_truncated)
     keep = max(base.targets.shape[1], suffixes.targets.shape[1])
     engine_lp = None
-    if base.engine_logprobs is not None and suffixes.engine_logprobs is not None:
+    if batch.engine_logprobs is not None:
         engine_lp = torch.cat([_pad_columns(base.engine_logprobs, keep), _pad_columns(suffixes.engine_logprobs, keep)])
     select = torch.tensor(base_rows + cont_rows, device=batch.advantages.device)
     return ContinuedMicroBatch(
