@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from mgrpo_pl.algo.packing import pack_shared_prefix
+from mgrpo_pl.algo.packing import balanced, pack_shared_prefix, shared_prefix_cost
 from mgrpo_pl.rollout.types import RolloutBatch
 
 
@@ -193,7 +193,8 @@ def shared_prefix_plan(batch: RolloutBatch, max_tokens: int) -> list[list[int]] 
 
     Sharing needs every prompt to have at least 2 tokens (the prefix is the prompt without its last token) and pays
     off only when some prompt occurs more than once. ``max_tokens`` bounds the computed tokens per micro-batch:
-    distinct prefixes times the longest prefix plus rows times the longest suffix.
+    distinct prefixes times the longest prefix plus rows times the longest suffix. The micro-batches are
+    ``balanced``: as many passes and computed tokens as the greedy packing at ``max_tokens``, the largest smaller.
     """
     prompt_lengths = batch.prompt_lengths.tolist()
     if not prompt_lengths or min(prompt_lengths) < 2:
@@ -202,7 +203,9 @@ def shared_prefix_plan(batch: RolloutBatch, max_tokens: int) -> list[list[int]] 
     if len(set(keys)) == len(keys):
         return None
     suffix = [max(int(c), 1) for c in batch.completion_lengths.tolist()]
-    return pack_shared_prefix(keys, [p - 1 for p in prompt_lengths], suffix, max_tokens)
+    prefix = [p - 1 for p in prompt_lengths]
+    cost = shared_prefix_cost(keys, prefix, suffix)
+    return balanced(lambda budget: pack_shared_prefix(keys, prefix, suffix, budget), cost, max_tokens)
 
 
 def collate_shared_prefix(

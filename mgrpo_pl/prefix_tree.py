@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgrpo_pl.algo.logprobs import token_logprobs
-from mgrpo_pl.algo.packing import pack_by_token_budget, pack_prefix_trees
+from mgrpo_pl.algo.packing import balanced, pack_by_token_budget, pack_prefix_trees, padded_cost
 from mgrpo_pl.batching import (
     MicroBatch,
     SharedPrefixMicroBatch,
@@ -155,12 +155,15 @@ def micro_batch_layout(
 ) -> tuple[list[list[int]], Collate]:
     """A step's micro-batches (row indices) and the collate function that builds them: the prefix tree (``shared``
     and ``tree``), plain prefix sharing (``shared``), or, where sharing is off or cannot apply, the left-padded
-    layout packed by token budget."""
+    layout packed by token budget. The shared-prefix and padded plans are ``balanced``; the prefix tree's is not,
+    since at a smaller budget it would keep fewer layer-2 groups with their layer-1 rows."""
     if shared:
         plan = prefix_tree_plan(batch, max_tokens) if tree else shared_prefix_plan(batch, max_tokens)
         if plan is not None:
             return plan, collate_prefix_tree if tree else collate_shared_prefix
-    return pack_by_token_budget([len(s) for s in batch.sequences], max_tokens), collate_micro_batch
+    lengths = [len(s) for s in batch.sequences]
+    plan = balanced(lambda budget: pack_by_token_budget(lengths, budget), padded_cost(lengths), max_tokens)
+    return plan, collate_micro_batch
 
 
 def _pad_columns(x: Tensor, width: int, value: float = 0) -> Tensor:

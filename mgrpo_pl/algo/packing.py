@@ -8,7 +8,8 @@ up to a budget of padded tokens keeps padding small while bounding peak memory.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -39,6 +40,53 @@ def pack_by_token_budget(lengths: Sequence[int], max_tokens: int, max_rows: int 
     if current:
         batches.append(current)
     return batches
+
+
+def padded_cost(lengths: Sequence[int]) -> Callable[[list[int]], int]:
+    """The computed tokens of a left-padded micro-batch: rows times the longest row."""
+    return lambda rows: len(rows) * max(lengths[i] for i in rows)
+
+
+def shared_prefix_cost(
+    prefix_ids: Sequence[int], prefix_lengths: Sequence[int], suffix_lengths: Sequence[int]
+) -> Callable[[list[int]], int]:
+    """The computed tokens of a prefix-sharing micro-batch (see ``pack_shared_prefix``)."""
+
+    def cost(rows: list[int]) -> int:
+        distinct = len({prefix_ids[i] for i in rows})
+        return distinct * max(prefix_lengths[i] for i in rows) + len(rows) * max(suffix_lengths[i] for i in rows)
+
+    return cost
+
+
+def balanced(
+    pack: Callable[[int], list[list[int]]], cost: Callable[[list[int]], int], max_tokens: int
+) -> list[list[int]]:
+    """``pack(max_tokens)``'s micro-batches, re-packed at the smallest budget that needs no more of them and computes
+    no more tokens in all.
+
+    A greedy packer fills micro-batches to the budget and leaves the rest to the last one (a GRPO step's 2,246
+    computed tokens at 1,024 went into 962, 995 and 289). A step's activation memory peaks in its largest
+    micro-batch, so the same passes with the largest made smaller (770, 770, 706) lower peak memory at the same
+    work. The budget is found by bisection; only plans that keep both counts are taken, so the result is never
+    worse than ``pack(max_tokens)`` whatever the packer does at smaller budgets.
+    """
+    best = pack(max_tokens)
+    if len(best) < 2:
+        return best
+    count, total = len(best), sum(cost(rows) for rows in best)
+    largest = max(cost(rows) for rows in best)
+    lo, hi = math.ceil(total / count), largest - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        plan = pack(mid)
+        costs = [cost(rows) for rows in plan]
+        if len(plan) <= count and sum(costs) <= total and max(costs) < largest:
+            best, largest = plan, max(costs)
+            hi = min(mid, largest) - 1
+        else:
+            lo = mid + 1
+    return best
 
 
 def pack_shared_prefix(
