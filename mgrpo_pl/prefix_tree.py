@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgrpo_pl.algo.logprobs import token_logprobs
-from mgrpo_pl.algo.packing import balanced, pack_by_token_budget, pack_prefix_trees, padded_cost
+from mgrpo_pl.algo.packing import balanced, pack_by_token_budget, pack_prefix_trees, padded_cost, prefix_tree_cost
 from mgrpo_pl.batching import (
     MicroBatch,
     SharedPrefixMicroBatch,
@@ -144,7 +144,9 @@ def prefix_tree_plan(batch: RolloutBatch, max_tokens: int) -> list[list[int]] | 
     for i, (p, shared) in parents.items():
         parent[i], extra[i] = p, plens[i] - 1 - shared
     suffix = [max(int(c), 1) for c in batch.completion_lengths.tolist()]
-    return pack_prefix_trees(prompt_keys(batch), [p - 1 for p in plens], suffix, parent, extra, max_tokens)
+    keys, prefix = prompt_keys(batch), [p - 1 for p in plens]
+    cost = prefix_tree_cost(keys, prefix, suffix, parent, extra)
+    return balanced(lambda budget: pack_prefix_trees(keys, prefix, suffix, parent, extra, budget), cost, max_tokens)
 
 
 Collate = Callable[[RolloutBatch, list[int], int, bool], MicroBatch | SharedPrefixMicroBatch | ContinuedMicroBatch]
@@ -155,8 +157,8 @@ def micro_batch_layout(
 ) -> tuple[list[list[int]], Collate]:
     """A step's micro-batches (row indices) and the collate function that builds them: the prefix tree (``shared``
     and ``tree``), plain prefix sharing (``shared``), or, where sharing is off or cannot apply, the left-padded
-    layout packed by token budget. The shared-prefix and padded plans are ``balanced``; the prefix tree's is not,
-    since at a smaller budget it would keep fewer layer-2 groups with their layer-1 rows."""
+    layout packed by token budget. Every plan is ``balanced``: no more passes or computed tokens than the greedy
+    packing at ``max_tokens``, with the largest pass smaller."""
     if shared:
         plan = prefix_tree_plan(batch, max_tokens) if tree else shared_prefix_plan(batch, max_tokens)
         if plan is not None:
@@ -164,6 +166,15 @@ def micro_batch_layout(
     lengths = [len(s) for s in batch.sequences]
     plan = balanced(lambda budget: pack_by_token_budget(lengths, budget), padded_cost(lengths), max_tokens)
     return plan, collate_micro_batch
+
+
+def computed_tokens(mb: MicroBatch | SharedPrefixMicroBatch | ContinuedMicroBatch) -> int:
+    """Positions a micro-batch's forward runs, padding included: what the packers' cost models count."""
+    if isinstance(mb, ContinuedMicroBatch):
+        return computed_tokens(mb.base) + mb.extra_ids.numel() + mb.input_ids.numel()
+    if isinstance(mb, SharedPrefixMicroBatch):
+        return mb.prefix_ids.numel() + mb.input_ids.numel()
+    return mb.input_ids.numel()
 
 
 def _pad_columns(x: Tensor, width: int, value: float = 0) -> Tensor:

@@ -77,17 +77,8 @@ def synthetic_batch(args: argparse.Namespace, vocab: int, eos: int) -> Any:
     )
 
 
-def computed_tokens(mb: Any) -> int:
-    """Positions a micro-batch's forward runs: its input columns in each of its stages, padding included."""
-    base = getattr(mb, "base", None)
-    if base is not None:  # prefix tree: the shared-prefix pass, then the queries' extra tokens and the suffixes
-        return computed_tokens(base) + mb.extra_ids.numel() + mb.input_ids.numel()
-    prefix = getattr(mb, "prefix_ids", None)
-    return mb.input_ids.numel() + (prefix.numel() if prefix is not None else 0)
-
-
 def layout_shape(batch: Any, budget: int, layout: str, pad_id: int) -> tuple[int, int]:
-    from mgrpo_pl.prefix_tree import micro_batch_layout
+    from mgrpo_pl.prefix_tree import computed_tokens, micro_batch_layout
 
     shared, tree = SWITCHES[layout]
     plan, collate = micro_batch_layout(batch, budget, shared=shared, tree=tree)

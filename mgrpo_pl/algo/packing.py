@@ -177,6 +177,34 @@ class _Fill:
         )
 
 
+def prefix_tree_cost(
+    prefix_ids: Sequence[int],
+    prefix_lengths: Sequence[int],
+    suffix_lengths: Sequence[int],
+    parents: Sequence[int],
+    extra_lengths: Sequence[int],
+) -> Callable[[list[int]], int]:
+    """The computed tokens of a prefix-tree micro-batch (see ``pack_prefix_trees``): a row whose parent is in the
+    micro-batch continues it, any other row runs its whole prefix."""
+
+    def cost(rows: list[int]) -> int:
+        present = set(rows)
+        fill = _Fill()
+        roots: set[int] = set()
+        groups: set[int] = set()
+        for i in rows:
+            if parents[i] >= 0 and parents[i] in present:
+                groups.add(prefix_ids[i])
+                part = _Fill(group_rows=1, extra=extra_lengths[i], group_suffix=suffix_lengths[i])
+            else:
+                roots.add(prefix_ids[i])
+                part = _Fill(root_rows=1, root_prefix=prefix_lengths[i], root_suffix=suffix_lengths[i])
+            fill = fill.merge(part)
+        return dataclasses.replace(fill, roots=len(roots), groups=len(groups)).cost()
+
+    return cost
+
+
 def pack_prefix_trees(
     prefix_ids: Sequence[int],
     prefix_lengths: Sequence[int],
