@@ -188,13 +188,21 @@ def prompt_keys(batch: RolloutBatch) -> list[int]:
     return keys
 
 
+def split_lengths(batch: RolloutBatch) -> tuple[list[int], list[int]]:
+    """Per row, the lengths the prefix-sharing packers count: the prefix (the prompt less its last token) and the
+    suffix (at least that last token, whose logit predicts the first completion token)."""
+    prefix = [p - 1 for p in batch.prompt_lengths.tolist()]
+    return prefix, [max(int(c), 1) for c in batch.completion_lengths.tolist()]
+
+
 def shared_prefix_plan(batch: RolloutBatch, max_tokens: int) -> list[list[int]] | None:
     """Micro-batches (row indices) for ``collate_shared_prefix``, or None when sharing cannot apply.
 
     Sharing needs every prompt to have at least 2 tokens (the prefix is the prompt without its last token) and pays
     off only when some prompt occurs more than once. ``max_tokens`` bounds the computed tokens per micro-batch:
     distinct prefixes times the longest prefix plus rows times the longest suffix. The micro-batches are
-    ``balanced``: as many passes and computed tokens as the greedy packing at ``max_tokens``, the largest smaller.
+    ``balanced``: no more passes or computed tokens than the greedy packing at ``max_tokens``, the largest smaller
+    where a smaller budget allows it.
     """
     prompt_lengths = batch.prompt_lengths.tolist()
     if not prompt_lengths or min(prompt_lengths) < 2:
@@ -202,8 +210,7 @@ def shared_prefix_plan(batch: RolloutBatch, max_tokens: int) -> list[list[int]] 
     keys = prompt_keys(batch)
     if len(set(keys)) == len(keys):
         return None
-    suffix = [max(int(c), 1) for c in batch.completion_lengths.tolist()]
-    prefix = [p - 1 for p in prompt_lengths]
+    prefix, suffix = split_lengths(batch)
     cost = shared_prefix_cost(keys, prefix, suffix)
     return balanced(lambda budget: pack_shared_prefix(keys, prefix, suffix, budget), cost, max_tokens)
 

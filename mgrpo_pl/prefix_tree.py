@@ -37,6 +37,7 @@ from mgrpo_pl.batching import (
     prompt_keys,
     shared_prefix_logits,
     shared_prefix_plan,
+    split_lengths,
 )
 from mgrpo_pl.rollout.types import RolloutBatch
 
@@ -143,8 +144,7 @@ def prefix_tree_plan(batch: RolloutBatch, max_tokens: int) -> list[list[int]] | 
     extra = [0] * len(batch)
     for i, (p, shared) in parents.items():
         parent[i], extra[i] = p, plens[i] - 1 - shared
-    suffix = [max(int(c), 1) for c in batch.completion_lengths.tolist()]
-    keys, prefix = prompt_keys(batch), [p - 1 for p in plens]
+    keys, (prefix, suffix) = prompt_keys(batch), split_lengths(batch)
     cost = prefix_tree_cost(keys, prefix, suffix, parent, extra)
     return balanced(lambda budget: pack_prefix_trees(keys, prefix, suffix, parent, extra, budget), cost, max_tokens)
 
@@ -158,7 +158,7 @@ def micro_batch_layout(
     """A step's micro-batches (row indices) and the collate function that builds them: the prefix tree (``shared``
     and ``tree``), plain prefix sharing (``shared``), or, where sharing is off or cannot apply, the left-padded
     layout packed by token budget. Every plan is ``balanced``: no more passes or computed tokens than the greedy
-    packing at ``max_tokens``, with the largest pass smaller."""
+    packing at ``max_tokens``, with the largest pass smaller where a smaller budget allows it."""
     if shared:
         plan = prefix_tree_plan(batch, max_tokens) if tree else shared_prefix_plan(batch, max_tokens)
         if plan is not None:

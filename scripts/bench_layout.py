@@ -90,10 +90,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from mgrpo_pl.module import MGRPOModule
 
+    load_before = list(os.getloadavg())
     torch.set_num_threads(args.threads)
-    module = MGRPOModule(model=prepare_model(args.model, args.cache_dir), beta=args.beta)
+    module = MGRPOModule(
+        model=prepare_model(args.model, args.cache_dir), beta=args.beta, micro_batch_tokens=args.micro_batch_tokens
+    )
     module.configure_model()
-    module.hparams.micro_batch_tokens = args.micro_batch_tokens
     tokenizer = module.tokenizer
     batch = synthetic_batch(args, len(tokenizer), int(tokenizer.eos_token_id))
     pad_id = int(tokenizer.pad_token_id)
@@ -109,7 +111,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     layouts = args.layouts.split(",")
     times: dict[str, list[float]] = {name: [] for name in layouts}
     grad_diff: dict[str, float] = {}
-    _, reference_grads = backward("padded")  # warm-up, and the gradient every layout is compared with
+    for name in layouts:  # warm-up: each layout's first pass is not timed
+        backward(name)
+    _, reference_grads = backward("padded")  # the gradient every layout is compared with
     reference_grads = {n: g.clone() for n, g in reference_grads.items()}
     for _ in range(args.rounds):
         for name in layouts:
@@ -133,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": len(batch),
         "trained_tokens": trained,
-        "loadavg_before": list(os.getloadavg()),
+        "loadavg_before": load_before,
         "results": results,
     }
 
@@ -181,16 +185,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
-    unknown = set(args.layouts.split(",")) - set(LAYOUTS)
+    layouts = args.layouts.split(",")
+    unknown = set(layouts) - set(LAYOUTS)
     if unknown:
         p.error(f"--layouts: unknown {sorted(unknown)}; choose from {', '.join(LAYOUTS)}")
+    if len(set(layouts)) != len(layouts):
+        p.error(f"--layouts: {args.layouts} names a layout twice")
     if args.kept_per_problem > args.num_generations:
         p.error(
             f"--kept-per-problem ({args.kept_per_problem}) cannot exceed --num-generations ({args.num_generations})"
         )
+    least = {"kept_per_problem": 0, "guide_length": 0, "beta": 0, "micro_batch_tokens": 1, "threads": 1}
     for flag in ("problems", "num_generations", "num_corrections", "completion_length", "prompt_length", "rounds"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+        least[flag] = 1
+    for flag, low in least.items():
+        if getattr(args, flag) < low:
+            p.error(f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(args, flag)}")
     return args
 
 

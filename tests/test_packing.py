@@ -84,3 +84,17 @@ def test_balanced_never_adds_passes_tokens_or_peak(seed):
         assert len(plan) <= len(greedy)
         assert sum(map(cost, plan)) <= sum(map(cost, greedy))
         assert max(map(cost, plan)) <= max(map(cost, greedy))
+        # the packers count what the cost functions count: within the budget, but for a lone row over it
+        assert all(cost(b) <= budget or len(b) == 1 for b in plan + greedy)
+
+
+def test_balanced_looks_past_a_budget_that_splits_a_group():
+    """At 51 tokens this packer splits a group and computes 88 tokens against the greedy plan's 79; at 49 it needs
+    two passes and 74 tokens, the larger 49. A bisection that took both for "too small" stopped at 64."""
+    from mgrpo_pl.algo.packing import balanced, pack_shared_prefix, shared_prefix_cost
+
+    ids, prefix, suffix = [0, 0, 1, 2], [8, 8, 4, 11], [5, 9, 11, 14]
+    cost = shared_prefix_cost(ids, prefix, suffix)
+    assert [cost(b) for b in pack_shared_prefix(ids, prefix, suffix, 64)] == [64, 15]
+    plan = balanced(lambda b: pack_shared_prefix(ids, prefix, suffix, b), cost, 64)
+    assert len(plan) == 2 and sum(map(cost, plan)) <= 79 and max(map(cost, plan)) < 64

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from mgrpo_pl.algo.packing import pack_prefix_trees
+from mgrpo_pl.algo.packing import balanced, pack_prefix_trees, prefix_tree_cost
 from mgrpo_pl.batching import SharedPrefixMicroBatch, collate_micro_batch
 from mgrpo_pl.modeling import load_causal_lm
 from mgrpo_pl.prefix_tree import (
@@ -154,7 +154,7 @@ def test_pack_hand_example():
     assert pack_prefix_trees([0, 0], [4, 4], [6, 5], [-1, -1], [0, 0], 16) == [[0, 1]]
 
 
-def test_pack_every_index_once():
+def test_pack_and_balance_every_index_once():
     rng = random.Random(0)
     for _ in range(100):
         ids, prefix, suffix, parents, extra = [], [], [], [], []
@@ -179,6 +179,14 @@ def test_pack_every_index_once():
         budget = rng.randint(1, 200)
         batches = pack_prefix_trees(ids, prefix, suffix, parents, extra, budget)
         assert sorted(i for b in batches for i in b) == list(range(len(ids)))
+        # balanced: the same rows, never more passes, tokens or peak, within the budget but for lone rows over it
+        cost = prefix_tree_cost(ids, prefix, suffix, parents, extra)
+        args = (ids, prefix, suffix, parents, extra)
+        plan = balanced(lambda b, args=args: pack_prefix_trees(*args, b), cost, budget)
+        assert sorted(i for b in plan for i in b) == list(range(len(ids)))
+        assert len(plan) <= len(batches) and sum(map(cost, plan)) <= sum(map(cost, batches))
+        assert max(map(cost, plan)) <= max(map(cost, batches))
+        assert all(cost(b) <= budget or len(b) == 1 for b in plan + batches)
 
 
 def test_pack_rejects_bad_input():
@@ -211,23 +219,48 @@ def test_balanced_layouts_keep_the_budget_in_computed_tokens(shared, tree, budge
         assert len(plan) == 1
 
 
-def test_prefix_tree_cost_is_what_the_collate_computes():
+def _tree_cost(batch):
     from mgrpo_pl.algo.packing import prefix_tree_cost
-    from mgrpo_pl.batching import prompt_keys
+    from mgrpo_pl.batching import prompt_keys, split_lengths
 
-    batch, parent_of = _batch()
     plens = batch.prompt_lengths.tolist()
     parents, extra = [-1] * len(batch), [0] * len(batch)
     for i, (parent, shared) in find_parents(batch, list(range(len(batch)))).items():
         parents[i], extra[i] = parent, plens[i] - 1 - shared
-    suffix = [max(int(c), 1) for c in batch.completion_lengths.tolist()]
-    cost = prefix_tree_cost(prompt_keys(batch), [p - 1 for p in plens], suffix, parents, extra)
+    prefix, suffix = split_lengths(batch)
+    keys = prompt_keys(batch)
+    return prefix_tree_cost(keys, prefix, suffix, parents, extra), (keys, prefix, suffix, parents, extra)
+
+
+def test_prefix_tree_cost_is_what_the_collate_computes():
+    batch, parent_of = _batch()
+    cost, _ = _tree_cost(batch)
     rng = random.Random(0)
-    for _ in range(30):
+    for _ in range(30):  # random micro-batches holding the parents of their layer-2 rows, as the packer makes them
         rows = rng.sample(range(len(batch)), rng.randint(1, len(batch)))
-        # A layer-2 row without its parent may still continue a sibling of it (same prompt) inside the micro-batch,
-        # which the cost model does not count: it may overcount, so the budget holds, never undercount.
-        assert cost(sorted(rows)) >= computed_tokens(collate_prefix_tree(batch, sorted(rows), 0, False)), rows
-        # With the parents of its layer-2 rows, a micro-batch computes exactly what the model counts.
         closed = sorted(set(rows) | {parent_of[i] for i in rows if i in parent_of})
         assert cost(closed) == computed_tokens(collate_prefix_tree(batch, closed, 0, False)), closed
+
+
+def test_balanced_prefix_tree_plan_lowers_the_largest_pass():
+    """An MGRPO-shaped batch (4 problems x G=4, 2 kept queries each x H=2): greedy packing at 220 tokens leaves
+    219 + 73 computed tokens, the balanced plan 146 + 146 with each group still on top of its layer-1 row."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_layout
+
+    args = bench_layout.parse_args(
+        "--problems=4 --num-generations=4 --kept-per-problem=2 --num-corrections=2 --prompt-length=6 "
+        "--completion-length=8 --guide-length=3".split()
+    )
+    batch = bench_layout.synthetic_batch(args, vocab=200, eos=EOS)
+    cost, packer_args = _tree_cost(batch)
+    greedy = pack_prefix_trees(*packer_args, 220)
+    assert [cost(rows) for rows in greedy] == [219, 73]
+    plan, collate = micro_batch_layout(batch, 220, shared=True, tree=True)
+    assert [computed_tokens(collate(batch, rows, 0, False)) for rows in plan] == [146, 146]
+    where = {i: k for k, rows in enumerate(plan) for i in rows}
+    parents = packer_args[3]
+    assert all(where[i] == where[p] for i, p in enumerate(parents) if p >= 0)

@@ -59,33 +59,43 @@ def shared_prefix_cost(
     return cost
 
 
+BALANCE_STEPS = 16  # budgets tried above the tightest one that keeps the number of passes
+
+
 def balanced(
     pack: Callable[[int], list[list[int]]], cost: Callable[[list[int]], int], max_tokens: int
 ) -> list[list[int]]:
-    """``pack(max_tokens)``'s micro-batches, re-packed at the smallest budget that needs no more of them and computes
-    no more tokens in all.
+    """``pack(max_tokens)``'s micro-batches, re-packed at a smaller budget where that needs no more of them, computes
+    no more tokens in all and makes the largest smaller; else ``pack(max_tokens)`` itself.
 
     A greedy packer fills micro-batches to the budget and leaves the rest to the last one (a GRPO step's 2,246
     computed tokens at 1,024 went into 962, 995 and 289). A step's activation memory peaks in its largest
     micro-batch, so the same passes with the largest made smaller (770, 770, 706) lower peak memory at the same
-    work. The budget is found by bisection; only plans that keep both counts are taken, so the result is never
-    worse than ``pack(max_tokens)`` whatever the packer does at smaller budgets.
+    work. The number of passes falls as the budget grows, so bisection finds the tightest budget that keeps it; the
+    computed tokens do not move monotonically (a larger budget can split a group where a smaller one did not), so
+    ``BALANCE_STEPS`` evenly spaced budgets from there up to ``max_tokens`` are tried as well and the plan with the
+    smallest largest micro-batch among those that keep both counts is taken. It is never worse than the greedy one.
     """
     best = pack(max_tokens)
     if len(best) < 2:
         return best
-    count, total = len(best), sum(cost(rows) for rows in best)
-    largest = max(cost(rows) for rows in best)
-    lo, hi = math.ceil(total / count), largest - 1
-    while lo <= hi:
+    costs = [cost(rows) for rows in best]
+    count, total, largest = len(best), sum(costs), max(costs)
+    if largest > max_tokens:  # a row over the budget alone: it stays the largest pass whatever the budget
+        return best
+    lo, hi = math.ceil(total / count), max_tokens
+    while lo < hi:  # the smallest budget with no more passes
         mid = (lo + hi) // 2
-        plan = pack(mid)
+        if len(pack(mid)) <= count:
+            hi = mid
+        else:
+            lo = mid + 1
+    step = max(1, (max_tokens - lo) // BALANCE_STEPS)
+    for budget in range(lo, largest, step):
+        plan = pack(budget)
         costs = [cost(rows) for rows in plan]
         if len(plan) <= count and sum(costs) <= total and max(costs) < largest:
             best, largest = plan, max(costs)
-            hi = min(mid, largest) - 1
-        else:
-            lo = mid + 1
     return best
 
 
@@ -185,7 +195,11 @@ def prefix_tree_cost(
     extra_lengths: Sequence[int],
 ) -> Callable[[list[int]], int]:
     """The computed tokens of a prefix-tree micro-batch (see ``pack_prefix_trees``): a row whose parent is in the
-    micro-batch continues it, any other row runs its whole prefix."""
+    micro-batch continues it, any other row runs its whole prefix.
+
+    Exact for the micro-batches ``pack_prefix_trees`` makes, where a layer-2 row is either with its parent or in a
+    micro-batch without layer-1 rows. Elsewhere ``collate_prefix_tree`` may continue a row from a sibling of its
+    parent (same prompt) and compute more or fewer tokens than counted here."""
 
     def cost(rows: list[int]) -> int:
         present = set(rows)
