@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -216,6 +217,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"mgrpo_pl engine `{c.get('engine', 'transformers')}` sampling in "
         f"{c.get('engine_dtype') or 'the policy dtype'}"
         + (f", reference in {c['reference_dtype']} (not equal work)" if c.get("reference_dtype") else ""),
+        "",
+        f"CPU: {report.get('cpu', 'not recorded')}",
         "",
         "| figure | mgrpo_pl (GRPO) | TRL GRPOTrainer | mgrpo_pl / TRL |",
         "|---|---|---|---|",
@@ -403,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": config,
         "versions": _versions(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_description(),
         "loadavg_end": os.getloadavg(),
         "results": results,
         "comparison": {**compare(results), **paired_ratios(rounds)},
@@ -412,6 +416,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return report
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the matrix instructions that set this benchmark's speed (float32 runs on AVX-512 or
+    AVX2; bf16 on AVX-512 BF16 or AMX), and which linear kernels mgrpo_pl's transformers engine decodes with."""
+    from mgrpo_pl.rollout.row_linear import onednn_available
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    kernels = "oneDNN" if onednn_available() else "weight-major"
+    return f"{name} ({', '.join(isa) or 'flags unknown'}); mgrpo_pl decodes with {kernels} linears"
 
 
 def _versions() -> dict[str, str]:

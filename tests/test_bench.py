@@ -76,6 +76,7 @@ def test_comparison_and_layer2_figures(report):
     assert mgrpo["weight_refresh_s"] > 0
     assert set(cmp_["targets"]) >= {"steps_per_s_ratio_ge_1.5", "peak_rss_le_trl", "weight_refresh_le_2pct"}
     assert len(report["loadavg_end"]) == 3
+    assert "mgrpo_pl decodes with" in report["cpu"]  # the machine and kernels that the figures belong to
     assert {part: len(runs) for part, runs in report["rounds"].items()} == {"grpo": 1, "trl": 1, "mgrpo": 1}
 
 

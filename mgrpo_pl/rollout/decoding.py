@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from mgrpo_pl.rollout.prefix_cache import PrefixCache
-from mgrpo_pl.rollout.row_linear import weight_major_linears
+from mgrpo_pl.rollout.row_linear import decode_linears
 from mgrpo_pl.rollout.types import SamplingConfig
 
 
@@ -250,21 +250,6 @@ def sample_completions(
             layer.update(keys.to(device), values.to(device))
     elif reused:  # a model whose cache cannot take spliced keys: compute every prompt whole
         return sample_completions(model, prompts, n, sampling, end_ids, pad_id, compact_below, None)
-    if width > 1:
-        # Everything but each prompt's last token, once per distinct prompt; the last token opens the decode loop.
-        model(
-            input_ids=ids[:, :-1],
-            attention_mask=mask[:, :-1],
-            position_ids=positions[:, :-1],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-    mask = mask.repeat_interleave(n, dim=0)
-    current = ids[:, -1:].repeat_interleave(n, dim=0)
-    position = positions[:, -1:].repeat_interleave(n, dim=0)
     rows = len(prompts) * n
     out = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros((rows, steps), device=device)
@@ -285,8 +270,23 @@ def sample_completions(
         fed = [len(prompts[s // n]) + max(d - 1, 0) for s, d in zip(slots, done)]
         _remember(prefix, layers, batch_rows, mask, sequences, fed)
 
-    # Decode steps push a few rows through every linear layer: the weight-major product is faster there on a CPU.
-    with weight_major_linears(model):
+    # The prefill and the decode steps run the linear layers on the CPU's faster kernels (row_linear.py).
+    with decode_linears(model):
+        if width > 1:
+            # Everything but each prompt's last token, once per distinct prompt; the last token opens the decode loop.
+            model(
+                input_ids=ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=positions[:, :-1],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        mask = mask.repeat_interleave(n, dim=0)
+        current = ids[:, -1:].repeat_interleave(n, dim=0)
+        position = positions[:, -1:].repeat_interleave(n, dim=0)
         for step in range(steps):
             logits = model(
                 input_ids=current, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True

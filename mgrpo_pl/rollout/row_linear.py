@@ -17,6 +17,15 @@ The product is the same sum in another order (float32 rounding aside), so the sa
 log-probs are those of ``F.linear``. The patch is an instance attribute on each plain ``nn.Linear`` for the duration
 of the ``with`` block only; a policy that the trainer shares with the engine is back to its own forwards before any
 training step.
+
+Where PyTorch has oneDNN (the x86 wheels do), the block takes a faster path instead: each linear's weight is
+reordered once into oneDNN's blocked layout when the block opens, and every call without gradients runs oneDNN's
+float32 inner-product kernel on it (``mkldnn::_linear_pointwise``, the op PyTorch's own CPU compiler emits for
+frozen linears). Measured on the 2-core benchmark machine (an AMD EPYC with AVX-512) for the 30M benchmark model's 29
+linears of one decode step: 13.1 ms with 32 rows, against 20.2 ms weight-major and 22.3 ms for ``F.linear``; 5.7
+against 18.9 ms with 8 rows; and 183 against 139 GFLOP/s with 64 rows. The reorder takes ~21 ms for that model per
+block, and the reordered copy lives only as long as the block. The sampled tokens of a layer-1 rollout were the same
+as the weight-major path's and their log-probs within 4e-6; the rollout took 1.6-1.8 s instead of 2.2 s.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from torch import Tensor, nn
 
 from mgrpo_pl.modeling.swiglu import is_swiglu_mlp, weight_is_direct
 
-__all__ = ["MAX_ROWS", "weight_major_linears"]
+__all__ = ["MAX_ROWS", "decode_linears", "onednn_available"]
 
 # Above this the stock kernel is as fast. Where the two cross moved between sessions on the same machine (session 6:
 # from 96 rows on; session 7: 512 -> 4096 with 64 rows favoured F.linear over the product plus its copy), and whole
@@ -72,15 +81,65 @@ def _weight_major_mlp_forward(self: nn.Module, x: Tensor, stock: Callable[[Tenso
     return out.reshape(*x.shape[:-1], out.shape[-1]).contiguous()
 
 
+def _packed_forward(self: nn.Linear, x: Tensor, packed: Tensor) -> Tensor:
+    if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+        return F.linear(x, self.weight, self.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this PyTorch build runs oneDNN's float32 linear on a reordered weight, checked once on a tiny product
+    against ``F.linear`` (a build without oneDNN, or one where the internal op is gone, takes the weight-major path)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight, x = torch.arange(6.0).reshape(2, 3), torch.ones(1, 3)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+    return bool(torch.equal(out, F.linear(x, weight)))
+
+
 def _is_cpu_float32(weight: Tensor | None) -> bool:
     return type(weight) is nn.Parameter and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 @contextlib.contextmanager
-def weight_major_linears(model: nn.Module) -> Iterator[int]:
-    """Within the block, the float32 CPU ``nn.Linear`` layers of ``model`` take inputs of at most :data:`MAX_ROWS`
-    rows, without gradients, as ``(W @ x^T)^T``, and SwiGLU MLPs take them whole in that layout; yields how many
-    linear layers were patched (0 off the CPU)."""
+def decode_linears(model: nn.Module, onednn: bool | None = None) -> Iterator[int]:
+    """Within the block, the float32 CPU ``nn.Linear`` layers of ``model`` run calls without gradients on oneDNN's
+    kernel with a reordered weight (``onednn``: default :func:`onednn_available`); without it, they take inputs of
+    at most :data:`MAX_ROWS` rows as ``(W @ x^T)^T`` and SwiGLU MLPs take those whole in that layout. Yields how
+    many linear layers were patched (0 off the CPU)."""
+    if onednn is None:
+        onednn = onednn_available()
+    if onednn:
+        with _packed_linears(model) as patched:
+            yield patched
+        return
+    with _weight_major_linears(model) as patched:
+        yield patched
+
+
+@contextlib.contextmanager
+def _packed_linears(model: nn.Module) -> Iterator[int]:
+    patched: list[nn.Linear] = []
+    try:
+        for module in model.modules():
+            if type(module) is not nn.Linear or "forward" in vars(module) or not _is_cpu_float32(module.weight):
+                continue
+            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
+            module.forward = types.MethodType(functools.partial(_packed_forward, packed=packed), module)
+            patched.append(module)
+        yield len(patched)
+    finally:
+        for module in patched:
+            del module.forward  # and with it the reordered weight
+
+
+@contextlib.contextmanager
+def _weight_major_linears(model: nn.Module) -> Iterator[int]:
     patched: list[nn.Linear] = []
     mlps: list[tuple[nn.Module, Callable[[Tensor], Tensor] | None]] = []
     try:
