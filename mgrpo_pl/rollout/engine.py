@@ -158,7 +158,7 @@ class TransformersEngine(GenerationEngine):
     construction and ``update_weights`` has nothing to copy. With ``share_weights=False`` it keeps its own copy,
     refreshed through ``update_weights`` exactly as an external engine (vLLM) is. A ``dtype`` other than the
     policy's (``bfloat16`` for an fp32 policy) always means a copy: the engine samples in that precision, as vLLM
-    serves in bf16 while the trainer keeps fp32 weights. On this project's CPU (which has AMX) that cut sampling
+    serves in bf16 while the trainer keeps fp32 weights. On session 5's CPU (which had AMX) that cut sampling
     time by 40-50% (docs/benchmark/); on a GPU it would spare autocast's per-op casts (not measured). The trainer
     still computes the loss's log-probs with its own weights; the gap to the engine's is logged as the behaviour
     mismatch.
