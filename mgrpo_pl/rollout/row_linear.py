@@ -106,6 +106,11 @@ def _is_cpu_float32(weight: Tensor | None) -> bool:
     return type(weight) is nn.Parameter and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
+def _is_patchable_linear(module: nn.Module) -> bool:
+    """A plain float32 CPU ``nn.Linear`` without an instance forward of its own (which a wrapper may have set)."""
+    return type(module) is nn.Linear and "forward" not in vars(module) and _is_cpu_float32(module.weight)
+
+
 @contextlib.contextmanager
 def decode_linears(model: nn.Module, onednn: bool | None = None) -> Iterator[int]:
     """Within the block, the float32 CPU ``nn.Linear`` layers of ``model`` run calls without gradients on oneDNN's
@@ -127,7 +132,7 @@ def _packed_linears(model: nn.Module) -> Iterator[int]:
     patched: list[nn.Linear] = []
     try:
         for module in model.modules():
-            if type(module) is not nn.Linear or "forward" in vars(module) or not _is_cpu_float32(module.weight):
+            if not _is_patchable_linear(module):
                 continue
             packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
             module.forward = types.MethodType(functools.partial(_packed_forward, packed=packed), module)
@@ -150,7 +155,7 @@ def _weight_major_linears(model: nn.Module) -> Iterator[int]:
                 stock = own if own is not None else types.MethodType(type(module).forward, module)
                 module.forward = types.MethodType(functools.partial(_weight_major_mlp_forward, stock=stock), module)
                 mlps.append((module, own))
-            if type(module) is not nn.Linear or "forward" in vars(module) or not _is_cpu_float32(module.weight):
+            if not _is_patchable_linear(module):
                 continue
             module.forward = types.MethodType(_weight_major_forward, module)
             patched.append(module)
