@@ -49,6 +49,7 @@ ROLLOUT_STAT_RULES = {
     "reward/layer2": "mean:layer2",
     "layer2/probe_accuracy": "mean:layer1",  # one probe per layer-1 sample
     "layer2/kept_queries": "sum",
+    "layer2/verified_queries": "sum",
     "layer2/kept_per_problem": "mean:problems",
     "rollout/truncated_frac": "mean:sequences",
     "rollout/completion_len": "mean:layer1",

@@ -118,6 +118,8 @@ def _child_argv(args: argparse.Namespace, part: str, result: str) -> list[str]:
         argv += ["--l2-pass-rate", str(args.l2_pass_rate)]
     if args.layer2_micro_batch_tokens is not None:
         argv += ["--layer2-micro-batch-tokens", str(args.layer2_micro_batch_tokens)]
+    if args.max_kept_per_problem is not None:
+        argv += ["--max-kept-per-problem", str(args.max_kept_per_problem)]
     switches = (
         "mgrpo_checkpointing reuse_probe joint_layer2 trl_no_checkpointing no_shared_prefix plain_mlp no_prefix_cache "
         "no_prefix_tree"
@@ -239,8 +241,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"| MGRPO / GRPO generated tokens | {_fmt(cmp_.get('mgrpo_over_grpo_generated_tokens_per_step'))} |",
             f"| MGRPO / GRPO trained tokens | {_fmt(cmp_.get('mgrpo_over_grpo_trained_tokens_per_step'))} |",
             f"| kept layer-2 queries/step (probe reused: {'yes' if c.get('reuse_probe') else 'no'}, "
-            f"joint probe+group generation: {'yes' if c.get('joint_layer2') else 'no'}) | "
+            f"joint probe+group generation: {'yes' if c.get('joint_layer2') else 'no'}, "
+            f"cap per problem: {c.get('max_kept_per_problem') or 'none'}) | "
             f"{_fmt(mgrpo['kept_queries_per_step'], 1)} |",
+            f"| verified layer-2 queries/step (before the cap) | {_fmt(mgrpo.get('verified_queries_per_step'), 1)} |",
             f"| layer-2 sequences/step | {_fmt(mgrpo['layer2_sequences_per_step'], 1)} |",
             f"| generated tokens/step | {_fmt(mgrpo['generated_tokens_per_step'], 0)} |",
             f"| weight refresh (s) | {_fmt(mgrpo['weight_refresh_s'], 3)} |",
@@ -306,6 +310,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--joint-layer2", action="store_true", help="mgrpo part: probes and layer-2 groups in one engine call"
+    )
+    p.add_argument(
+        "--max-kept-per-problem",
+        type=int,
+        default=None,
+        help="mgrpo part: most layer-2 queries kept per problem, drawn from the verified (default: all, the paper)",
     )
     p.add_argument("--l2-pass-rate", type=float, default=0.5, help="emulated correct rate in the mgrpo part; <0: real")
     p.add_argument("--temperature", type=float, default=1.0)

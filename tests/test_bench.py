@@ -74,6 +74,7 @@ def test_comparison_and_layer2_figures(report):
     mgrpo = report["results"]["mgrpo"]
     assert mgrpo["layer2"] is True and mgrpo["share_weights"] is False
     assert mgrpo["weight_refresh_s"] > 0
+    assert mgrpo["verified_queries_per_step"] >= mgrpo["kept_queries_per_step"]
     assert set(cmp_["targets"]) >= {"steps_per_s_ratio_ge_1.5", "peak_rss_le_trl", "weight_refresh_le_2pct"}
     assert len(report["loadavg_end"]) == 3
     assert "mgrpo_pl decodes with" in report["cpu"]  # the machine and kernels that the figures belong to
@@ -93,7 +94,7 @@ def test_every_option_reaches_the_part_subprocesses():
         "--device=cuda", "--precision=bf16-mixed", "--l2-pass-rate=0.25", "--mgrpo-checkpointing",
         "--reuse-probe", "--joint-layer2", "--trl-no-checkpointing", "--no-shared-prefix", "--engine-dtype=bfloat16",
         "--plain-mlp", "--reference-dtype=bfloat16", "--no-prefix-cache", "--no-prefix-tree",
-        "--layer2-micro-batch-tokens=99",
+        "--layer2-micro-batch-tokens=99", "--max-kept-per-problem=2",
     ]  # fmt: skip
     parent = bench_trl.parse_args(changed)
     defaults = bench_trl.parse_args([])

@@ -8,6 +8,7 @@ from mgrpo_pl.algo.correction import (
     GuidePool,
     Layer2Plan,
     build_correction_query,
+    cap_per_problem,
     continuation_body,
     select_verified,
 )
@@ -60,6 +61,40 @@ def test_selection_and_bookkeeping():
     assert plan.sample_index.tolist() == [1, 0, 2]
     assert plan.kept_per_problem(2).tolist() == [1, 2]
     assert len(plan) == 3
+
+
+def test_cap_keeps_at_most_cap_per_problem_from_the_verified():
+    # G=4: problem 0 verified 3 queries, problem 1 one, problem 2 none, problem 3 all four.
+    kept = torch.tensor([0, 1, 3, 6, 12, 13, 14, 15])
+    out = cap_per_problem(kept, 4, 2, torch.Generator().manual_seed(0))
+    assert out.tolist() == sorted(out.tolist()) and set(out.tolist()) <= set(kept.tolist())
+    per_problem = torch.bincount(out // 4, minlength=4).tolist()
+    assert per_problem == [2, 1, 0, 2]  # a problem under the cap keeps all it has
+    same = cap_per_problem(kept, 4, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(out, same)
+    assert torch.equal(cap_per_problem(kept, 4, 4, None), kept)
+    assert cap_per_problem(torch.zeros(0, dtype=torch.long), 4, 1, None).numel() == 0
+    with pytest.raises(ValueError, match="cap"):
+        cap_per_problem(kept, 4, 0, None)
+
+
+def test_cap_draws_uniformly_and_per_problem_generators_are_independent():
+    kept = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])  # G=8, one problem, all verified
+    generator = torch.Generator().manual_seed(1)
+    counts = torch.zeros(8)
+    draws = 4000
+    for _ in range(draws):
+        counts[cap_per_problem(kept, 8, 2, generator)] += 1
+    # Each query is kept with probability 2/8: 1000 of 4000, binomial sd ~27.
+    assert torch.all((counts - 1000).abs() < 150), counts.tolist()
+    # With one generator per problem, problem 1's draw does not depend on whether problem 0 had anything to draw.
+    both = torch.tensor([0, 1, 2, 8, 9, 10, 11])
+    alone = torch.tensor([8, 9, 10, 11])
+
+    def gens():
+        return [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+
+    assert cap_per_problem(both, 8, 2, gens())[2:].tolist() == cap_per_problem(alone, 8, 2, gens()).tolist()
 
 
 def test_no_probe_verified_gives_empty_plan():

@@ -101,6 +101,28 @@ def test_reuse_probe_counts_the_probe_as_one_sample(engine_and_tokenizer):
         assert torch.all(batch.rewards[12:].view(K, 3)[:, 0] == 1)
 
 
+def test_max_kept_per_problem_caps_layer2_from_the_verified_queries(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    torch.manual_seed(0)
+    reward = ParityReward()
+    batch = MGRPORollout(_config(max_kept_per_problem=1), tok, reward).rollout(engine, PROBLEMS)
+    B, G, H = 3, 4, 3
+    probe_ok = torch.tensor([len(t) % 2 == 0 for t in reward.calls[1]])
+    verified_per_problem = probe_ok.view(B, G).sum(1)
+    assert batch.stats["layer2/verified_queries"] == int(probe_ok.sum())
+    K = int(batch.stats["layer2/kept_queries"])
+    assert K == int(verified_per_problem.clamp(max=1).sum()) and K < int(probe_ok.sum()), "the seed should cap"
+    assert (batch.layer == 2).sum() == K * H
+    # Every kept query is a verified one: its layer-2 prompt continues a layer-1 sample whose probe passed.
+    layer1 = [s.tolist() for s in batch.sequences[: B * G]]
+    for row in range(B * G, len(batch), H):
+        query = batch.sequences[row][: batch.prompt_lengths[row]].tolist()
+        owners = [i for i, s in enumerate(layer1) if query[: len(s) - 1] == s[: len(s) - 1]]
+        assert owners and all(probe_ok[i] for i in owners)
+    with pytest.raises(ValueError, match="max_kept_per_problem"):
+        RolloutConfig(max_kept_per_problem=0)
+
+
 def test_evaluation_two_turns(engine_and_tokenizer):
     engine, tok = engine_and_tokenizer
     result = MGRPORollout(_config(eval_samples=2, eval_guide="Check again."), tok, ParityReward()).evaluate(

@@ -38,6 +38,7 @@ EXACT = [
     "reward/layer1",
     "reward/layer2",
     "layer2/kept_queries",
+    "layer2/verified_queries",
     "layer2/probe_accuracy",
     "tokens/generated",
     "train/trained_tokens",

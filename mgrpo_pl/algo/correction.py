@@ -102,6 +102,37 @@ def select_verified(probe_rewards: Tensor, threshold: float = 1.0) -> Tensor:
     return (probe_rewards >= threshold).nonzero().flatten()
 
 
+def cap_per_problem(
+    kept: Tensor, group_size: int, cap: int, generators: Sequence[torch.Generator | None] | torch.Generator | None
+) -> Tensor:
+    """At most ``cap`` of each problem's kept query indices, drawn uniformly without replacement.
+
+    A uniform draw keeps layer 2's training data an unbiased sample of the paper's (the same mix of queries that were
+    right and wrong at turn 1, in expectation); it only bounds how many groups a problem adds to a step.
+
+    Args:
+        kept: [K] ascending indices among the B*G layer-1 samples (prompt-major), as ``select_verified`` returns.
+        group_size: G, so that ``index // G`` is the problem.
+        cap: Most indices kept per problem (>= 1).
+        generators: One generator for the whole draw, or one per problem (indexed by ``index // G``, so a problem's
+            draw does not depend on the rest of the batch); None draws from torch's global generator.
+
+    Returns:
+        [K'] ascending indices, a subset of ``kept``.
+    """
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    kept = kept.long()
+    chosen = []
+    for problem in torch.unique(kept // group_size).tolist():
+        mine = kept[kept // group_size == problem]
+        if mine.numel() > cap:
+            generator = generators[problem] if isinstance(generators, Sequence) else generators
+            mine = mine[torch.randperm(mine.numel(), generator=generator)[:cap]]
+        chosen.append(mine)
+    return torch.sort(torch.cat(chosen)).values if chosen else kept
+
+
 @dataclass(frozen=True)
 class Layer2Plan:
     """Maps every kept layer-2 group back to its problem and layer-1 sample.

@@ -27,6 +27,12 @@ class RolloutConfig:
             the probe's text, only on whether it was kept), one generation round is saved, but the groups of
             rejected queries are generated for nothing: it pays where a bigger batch is nearly free (GPU decoding, or
             small batches on CPU) and the probe pass rate is high.
+        max_kept_per_problem: Most layer-2 queries kept per problem, drawn uniformly from its verified ones (from
+            the guide-phrase generator, or per problem with ``seed_per_problem``); None (default) keeps every
+            verified query, as the paper does. A compute bound: at a probe pass rate p a problem keeps about p*G
+            queries and layer 2 samples and trains H for each, p*H times layer 1's G samples (2x at p = 1/2, H = 4;
+            docs/benchmark/); a cap c bounds that at c*H/G. The draw is uniform, so the kept data is an unbiased
+            sample of the paper's, with the same right/wrong-at-turn-1 mix in expectation.
         guide_phrases: The pool p_guide is drawn from; the paper's seven phrases by default. May be empty only
             when nothing draws from it (layer 2 off and a fixed ``eval_guide``).
         guide_separator: Text put between the layer-1 completion and the guide phrase.
@@ -58,6 +64,7 @@ class RolloutConfig:
     num_corrections: int = 4
     reuse_probe: bool = False
     joint_layer2: bool = False
+    max_kept_per_problem: int | None = None
     guide_phrases: list[str] = field(default_factory=lambda: list(DEFAULT_GUIDE_PHRASES))
     guide_separator: str = "\n\n"
     think_close: str | None = "</think>"
@@ -86,6 +93,11 @@ class RolloutConfig:
             raise ValueError(f"--data.rollout.num_corrections (H) must be >= 1, got {self.num_corrections}")
         if self.reuse_probe and self.num_corrections < 2:
             raise ValueError("--data.rollout.reuse_probe needs --data.rollout.num_corrections >= 2")
+        if self.max_kept_per_problem is not None and self.max_kept_per_problem < 1:
+            raise ValueError(
+                f"--data.rollout.max_kept_per_problem must be >= 1 (or null to keep every verified query), got "
+                f"{self.max_kept_per_problem}"
+            )
         if self.layer2 and not self.guide_phrases:
             raise ValueError("--data.rollout.guide_phrases is empty but layer 2 is on: give at least one phrase")
         if not self.guide_phrases and self.eval_guide is None:

@@ -25,7 +25,13 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from mgrpo_pl.algo.advantages import group_advantages
-from mgrpo_pl.algo.correction import GuidePool, Layer2Plan, build_correction_query, select_verified
+from mgrpo_pl.algo.correction import (
+    GuidePool,
+    Layer2Plan,
+    build_correction_query,
+    cap_per_problem,
+    select_verified,
+)
 from mgrpo_pl.rollout.config import RolloutConfig
 from mgrpo_pl.rollout.engine import GenerationEngine
 from mgrpo_pl.rollout.types import EvalBatch, Generation, RolloutBatch, SamplingConfig
@@ -136,6 +142,16 @@ class MGRPORollout:
             return second.texts
         sep = self.config.guide_separator
         return [f"{a}{sep}{self.phrases[g]} {b}" for a, g, b in zip(first_texts, guides, second.texts)]
+
+    def _cap(self, verified: Tensor, problems: Sequence[Problem], step: int) -> Tensor:
+        """``verified`` cut to ``max_kept_per_problem`` queries per problem (all of them when unset)."""
+        cap, G = self.config.max_kept_per_problem, self.config.num_generations
+        if cap is None or cap >= G:
+            return verified
+        generators: list[torch.Generator] | torch.Generator = self.generator
+        if self.config.seed_per_problem:
+            generators = [torch.Generator().manual_seed(self._problem_seed(step, p, "cap")) for p in problems]
+        return cap_per_problem(verified, G, cap, generators)
 
     def _problem_seed(self, step: int, problem: Problem, tag: str) -> int:
         return zlib.crc32(f"{self.config.seed}/{step}/{problem.id}/{tag}".encode())
@@ -252,11 +268,13 @@ class MGRPORollout:
             rp, dt = self._score(self._turn2_texts(first.texts, guides, probe), answers)
             timings["reward"] += dt
             correct_t2 = rp >= c.correct_threshold
-            plan = Layer2Plan.from_selection(select_verified(rp, c.correct_threshold), G)
+            verified = select_verified(rp, c.correct_threshold)
+            plan = Layer2Plan.from_selection(self._cap(verified, problems, step), G)
             K = len(plan)
             stats.update(
                 {
                     "layer2/probe_accuracy": float(correct_t2.float().mean()),
+                    "layer2/verified_queries": float(verified.numel()),
                     "layer2/kept_queries": float(K),
                     "layer2/kept_per_problem": K / B,
                     "tokens/probe": float(probe.num_tokens),
