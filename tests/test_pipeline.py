@@ -101,11 +101,12 @@ def test_reuse_probe_counts_the_probe_as_one_sample(engine_and_tokenizer):
         assert torch.all(batch.rewards[12:].view(K, 3)[:, 0] == 1)
 
 
-def test_max_kept_per_problem_caps_layer2_from_the_verified_queries(engine_and_tokenizer):
+@pytest.mark.parametrize("joint", [False, True])
+def test_max_kept_per_problem_caps_layer2_from_the_verified_queries(engine_and_tokenizer, joint):
     engine, tok = engine_and_tokenizer
     torch.manual_seed(0)
     reward = ParityReward()
-    batch = MGRPORollout(_config(max_kept_per_problem=1), tok, reward).rollout(engine, PROBLEMS)
+    batch = MGRPORollout(_config(max_kept_per_problem=1, joint_layer2=joint), tok, reward).rollout(engine, PROBLEMS)
     B, G, H = 3, 4, 3
     probe_ok = torch.tensor([len(t) % 2 == 0 for t in reward.calls[1]])
     verified_per_problem = probe_ok.view(B, G).sum(1)
