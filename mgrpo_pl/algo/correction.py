@@ -123,9 +123,10 @@ def cap_per_problem(
     if cap < 1:
         raise ValueError(f"cap must be >= 1, got {cap}")
     kept = kept.long()
+    owner = kept // group_size
     chosen = []
-    for problem in torch.unique(kept // group_size).tolist():
-        mine = kept[kept // group_size == problem]
+    for problem in torch.unique(owner).tolist():
+        mine = kept[owner == problem]
         if mine.numel() > cap:
             generator = generators[problem] if isinstance(generators, Sequence) else generators
             mine = mine[torch.randperm(mine.numel(), generator=generator)[:cap]]
