@@ -62,7 +62,7 @@ TABLE = [
     ("\\boxed{5 \\text{ cm}}", "5", 1.0),
     ("\\boxed{5}", "5 cm", 1.0),
     ("\\boxed{\\$5}", "5", 1.0),
-    ("It costs \\$5.", "5", 0.0),  # an escaped dollar outside a box: nothing is extracted
+    ("It costs \\$5.", "5", 1.0),  # a price's escaped dollar sign is not part of the value
     ("\\boxed{5\\%}", "5", 1.0),  # percent matches both 5 and 0.05
     ("\\boxed{0.05}", "5\\%", 1.0),
     ("\\boxed{90^\\circ}", "90", 1.0),
@@ -95,7 +95,17 @@ TABLE = [
     # no answer at all; two different boxes
     ("I don't know.", "72", 0.0),
     ("", "72", 0.0),
-    ("First \\boxed{72}, but wait, it is \\boxed{73}.", "72", 0.0),  # the boxes become the set {72, 73}
+    ("First \\boxed{72}, but wait, it is \\boxed{73}.", "72", 0.0),  # the last box is the answer: 73
+    ("First \\boxed{72}, but wait, it is \\boxed{73}.", "73", 1.0),
+    # which text is the final answer (rewards/reading.py): a value, not a restated expression
+    ("So, the final answer is 9 + 1 = 2.", "10", 0.0),  # the last right-hand side, 2, is the answer
+    ("So, the final answer is 9 + 1 = 2.", "2", 1.0),
+    ("The sum is 0 + 9.", "9", 0.0),  # unevaluated arithmetic outside a box is no answer
+    ("We have 4 \\times 3.", "12", 0.0),
+    ("\\boxed{4 \\times 3}", "12", 1.0),  # inside a box the expression is the answer and math-verify evaluates it
+    ("There are actually 8, not 1.", "8", 1.0),  # a negated number is not the answer
+    ("There are actually 8, not 1.", "1", 0.0),
+    ("1. Add the numbers.\n2. We get 7 + 6 = 13", "13", 1.0),  # list indices are skipped
     # GSM8K golds
     ("So she sold 48 + 24 = 72 clips in total. The answer is \\boxed{72}.", GSM8K_NATALIA, 1.0),
     ("She earns \\boxed{1000} dollars.", GSM8K_EARNINGS, 1.0),
@@ -111,7 +121,7 @@ ADVERSARIAL = [
     ("factorial", "\\boxed{(2^{100000}+1)!}", "1", 1),
     ("power_tower", "\\boxed{2^{2^{2^{2^{2^{2}}}}}}", "1", 1),
     ("huge_power", "\\boxed{9^{9^{9}}}", "1", 1),
-    ("million_chars", "1 " * 500_000, "2", 1),
+    ("million_chars", "1 " * 500_000, "2", 0),  # read as its last number, 1, in ~0.4 s: no time limit is reached
     ("nested_braces", "\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}", "1", 1),
     ("malformed", "\\boxed{\\frac{1}{", "1", 0),
     ("huge_unequal", "\\boxed{10^{10^{8}}}", "10^{10^{8}}+1", None),
@@ -367,17 +377,42 @@ _BROKEN_SCRIPT = textwrap.dedent(
 )
 
 
-def test_workers_that_cannot_start_give_zero_and_a_warning(tmp_path):
+def _python(args, tmp_path, stdin=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(
+        [sys.executable, *args], input=stdin, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path
+    )
+
+
+def test_workers_that_cannot_start_stop_the_caller_with_the_fix(tmp_path):
+    # Every item scoring 0 with only a warning would let a training run go on learning nothing.
     script = tmp_path / "broken.py"
     script.write_text(_BROKEN_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    done = _python([str(script)], tmp_path)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("mgrpo_pl.rewards.base.RewardError: MathReward's worker processes cannot start"), last
+    assert 'if __name__ == "__main__":' in last and 'start_method="fork"' in last
+    assert "scores" not in done.stdout  # no result was returned
+
+
+_SCORE_TWO = (
+    "from mgrpo_pl.rewards import MathReward\nprint(MathReward()(['\\\\boxed{12}', 'it is 7'], ['12', '7']).tolist())\n"
+)
+
+
+def test_code_without_a_script_file(tmp_path):
+    # `python -c` (and notebooks) have no main file for workers to import: they work.
+    done = _python(["-c", _SCORE_TWO], tmp_path)
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [call["scores"] for call in report["calls"]] == [[0.0, 0.0], [0.0, 0.0]]
-    assert all(call["elapsed"] < 30 for call in report["calls"])  # the pool is rebuilt, and fails fast, each call
-    assert report["stats"]["errors"] == 4 and report["stats"]["scored"] == 4
-    assert "MathReward: 2 of 2 items could not be scored" in done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[1.0, 1.0]"
+    # `python -` names "<stdin>" as its main file, which workers cannot import: the error says what to do.
+    done = _python(["-"], tmp_path, stdin=_SCORE_TWO)
+    assert done.returncode != 0 and "RewardError" in done.stderr and 'start_method="fork"' in done.stderr
+    # ... and with the fix it names, the same code works.
+    done = _python(["-"], tmp_path, stdin=_SCORE_TWO.replace("MathReward()", 'MathReward(start_method="fork")'))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[1.0, 1.0]"
 
 
 def test_rejects_bad_settings():

@@ -23,6 +23,10 @@ A plain function qualifies, so a custom reward needs no base class::
 To name a reward in a YAML config (``data.reward: {class_path: my_pkg.MyReward, init_args: {...}}``) subclass
 ``Reward``: the CLI instantiates subclasses of it. From Python, any ``RewardFunction`` can be passed.
 
+Self-correction reads turn 2 as the answer the model ends with: the correction's final answer when it states one,
+else turn 1's. Which text states an answer is the reward's to say: ``Reward.final_answer`` (the value rules of
+``mgrpo_pl/rewards/reading.py`` unless a subclass overrides it); a plain function is read with those rules.
+
 ``isinstance(obj, RewardFunction)`` only checks that ``obj`` is callable (``typing.Protocol`` cannot check
 signatures at run time); the static type checker checks the full call shape.
 """
@@ -31,6 +35,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from mgrpo_pl.rewards.reading import FinalAnswer, read_final_answer
 
 if TYPE_CHECKING:
     # Only for annotations: reward workers import this package and must not pay for a torch import.
@@ -57,9 +63,21 @@ class RewardFunction(Protocol):
         ...
 
 
+class RewardError(RuntimeError):
+    """A reward that cannot score at all (its workers cannot start): training must stop, not go on with zeros."""
+
+
 class Reward(ABC):
     """Base class for rewards configured by ``class_path`` in YAML; a ``RewardFunction`` with a class to name."""
 
     @abstractmethod
     def __call__(self, completions: list[str], answers: list[str]) -> torch.Tensor:
         """Return one reward per completion (see ``RewardFunction.__call__``)."""
+
+    def final_answer(self, text: str) -> FinalAnswer | None:
+        """The final answer ``text`` states, or None: a correction stating none keeps turn 1's answer.
+
+        The default reads with the ``value`` rules; a reward that reads answers differently overrides it, so that
+        what is rewarded and what counts as a stated answer agree.
+        """
+        return read_final_answer(text, "value")

@@ -1,10 +1,12 @@
 """Rule-based math reward on math-verify that cannot hang a training step.
 
 ``MathReward()(completions, answers)`` returns 1.0 where math-verify judges the completion's final answer equal to the
-gold answer and 0.0 otherwise. Gold answers may be GSM8K solutions (``... #### 72``), MATH solutions (last
-``\\boxed{...}``) or plain strings (``72``, ``\\frac{3}{4}``, ``x^2+1``); ``normalize_gold`` reduces them to the bare
-answer, which is wrapped in ``$...$`` because math-verify does not parse raw LaTeX without delimiters. The completion is
-parsed exactly as math-verify's ``parse`` does by default (LaTeX then plain expressions, ``\\boxed{}`` first), and
+gold answer and 0.0 otherwise. Which text is the final answer is read by ``read_final_answer`` under the reward's
+``answer_format`` (``mgrpo_pl/rewards/reading.py``: by default the value a completion ends on; an unevaluated expression
+such as ``9 + 1`` is no answer and scores 0); math-verify judges only that text's equivalence. Gold answers may be GSM8K
+solutions (``... #### 72``), MATH solutions (last ``\\boxed{...}``) or plain strings (``72``, ``\\frac{3}{4}``,
+``x^2+1``); ``normalize_gold`` reduces them to the bare answer, which is wrapped in ``$...$`` because math-verify does
+not parse raw LaTeX without delimiters. A boxed answer is parsed as ``\\boxed{...}``, any other as ``$...$``, and
 ``verify(gold, prediction)`` is called gold first, as its asymmetric rules (percent, units, sets) expect.
 
 Why worker processes. Sympy comparisons of adversarial answers (``(2^{100000}+1)!``, power towers) can run for minutes,
@@ -17,9 +19,12 @@ item is scored in a pebble ``ProcessPool`` worker, in that worker's main thread,
 * a hard per-item limit of ``timeout_s`` enforced by pebble, which kills the worker and starts a replacement. It catches
   what the alarm cannot interrupt (long C calls, several slow steps in one item).
 
-Either way the item scores 0 and is counted in ``stats()``. A call as a whole also has a generous deadline (a backstop
-should the pool itself misbehave). Nothing in the calling process parses untrusted text: gold normalisation runs in
-the worker too (its regexes once showed quadratic behaviour on long whitespace runs).
+Either way the item scores 0 and is counted in ``stats()``. Workers that cannot start or keep running are not an item's
+failure: a call in which a worker died is followed by a health check, and a pool that cannot score even the warm-up item
+raises ``RewardError`` naming the cause, so a run never goes on with all-zero rewards. A call as a whole also has a
+generous deadline (a backstop should the pool itself misbehave). The calling process runs no math-verify code and no
+gold normalisation on untrusted text (its regexes once showed quadratic behaviour on long whitespace runs); the answer
+reading it may run (``final_answer``) is a linear scan.
 
 Start method: ``forkserver`` by default. ``fork`` would copy the training process, with its torch/OpenMP threads and
 possibly a CUDA context, into every worker (forking a multi-threaded process can deadlock, and CUDA cannot be used
@@ -55,7 +60,8 @@ from math_verify.errors import TimeoutException
 from pebble import ProcessPool
 
 from mgrpo_pl.rewards.answers import normalize_gold
-from mgrpo_pl.rewards.base import Reward
+from mgrpo_pl.rewards.base import Reward, RewardError
+from mgrpo_pl.rewards.reading import ANSWER_FORMATS, AnswerFormat, FinalAnswer, read_final_answer
 
 if TYPE_CHECKING:
     import torch
@@ -113,7 +119,7 @@ def _init_worker() -> None:
     mv_logger.setLevel(logging.DEBUG)
     mv_logger.propagate = False
     for completion, answer in _WARMUP:
-        _score_item(completion, answer, 5)
+        _score_item(completion, answer, 5, "value")
 
 
 def _gold_for_math_verify(answer: str) -> str:
@@ -124,7 +130,17 @@ def _gold_for_math_verify(answer: str) -> str:
     return f"${gold}$"
 
 
-def _score_item(completion: str, answer: str, soft_timeout_s: int) -> tuple[float, str]:
+def _prediction_text(reading: FinalAnswer) -> str:
+    """The read answer as math-verify is given it: a box stays a box (its sets, units and lists rules), the rest is
+    put in math delimiters, the whole text for the ``math_verify`` reading."""
+    if reading.source == "math_verify":
+        return reading.text
+    if reading.source == "boxed":
+        return f"\\boxed{{{reading.text}}}"
+    return f"${reading.text}$"
+
+
+def _score_item(completion: str, answer: str, soft_timeout_s: int, answer_format: str) -> tuple[float, str]:
     """Score one completion in a worker. Returns ``(score, outcome)``, outcome one of ok/timeout/error/no_gold."""
     timeouts_before, errors_before = _LOG_COUNTER.timeouts, _LOG_COUNTER.errors
     correct = False
@@ -132,8 +148,9 @@ def _score_item(completion: str, answer: str, soft_timeout_s: int) -> tuple[floa
     try:
         gold = parse(_gold_for_math_verify(answer), parsing_timeout=soft_timeout_s)
         gold_ok = bool(gold)
-        if gold_ok:
-            prediction = parse(completion, parsing_timeout=soft_timeout_s)
+        reading = read_final_answer(completion, answer_format) if gold_ok else None  # type: ignore[arg-type]
+        if reading is not None and not reading.unevaluated:
+            prediction = parse(_prediction_text(reading), parsing_timeout=soft_timeout_s)
             correct = bool(prediction) and bool(verify(gold, prediction, timeout_seconds=soft_timeout_s))
     except TimeoutException:
         # The alarm can fire just outside math-verify's own handlers.
@@ -167,13 +184,22 @@ class MathReward(Reward):
             ``ceil(N / num_workers)`` item-times.
         start_method: ``"forkserver"`` (default), ``"spawn"`` or ``"fork"``; see the module docstring for why
             ``fork`` is unsafe in a training process.
+        answer_format: Which text of a completion is its final answer: ``value`` (default), ``boxed``,
+            ``answer_line`` or ``math_verify`` (``mgrpo_pl/rewards/reading.py``). Turn 2 of self-correction reads
+            corrections with the same rules (``final_answer``).
 
     The pool starts on the first call and is reused; ``close()`` (or leaving a ``with`` block, or garbage collection,
     or interpreter exit) stops it, and a later call starts a new one. Copies and unpickled instances share nothing
     with the original: the pool is left out of the pickled state and started again on demand.
     """
 
-    def __init__(self, timeout_s: float = 5.0, num_workers: int = 2, start_method: str = "forkserver") -> None:
+    def __init__(
+        self,
+        timeout_s: float = 5.0,
+        num_workers: int = 2,
+        start_method: str = "forkserver",
+        answer_format: AnswerFormat = "value",
+    ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if num_workers < 1:
@@ -183,6 +209,9 @@ class MathReward(Reward):
                 f"start_method {start_method!r} is not available here; choose from "
                 f"{multiprocessing.get_all_start_methods()}"
             )
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
+        self.answer_format = answer_format
         self.timeout_s = float(timeout_s)
         self.num_workers = int(num_workers)
         self.start_method = start_method
@@ -194,6 +223,10 @@ class MathReward(Reward):
         self._lock = threading.Lock()
         self._pool: ProcessPool | None = None
         self._finalizer: weakref.finalize | None = None
+
+    def final_answer(self, text: str) -> FinalAnswer | None:
+        """The final answer of ``text`` as this reward reads it (``read_final_answer`` under ``answer_format``)."""
+        return read_final_answer(text, self.answer_format)
 
     @property
     def soft_timeout_s(self) -> int:
@@ -243,7 +276,7 @@ class MathReward(Reward):
         pool = self._ensure_pool()
         soft = self.soft_timeout_s
         futures = [
-            pool.schedule(_score_item, args=(completion, answer, soft), timeout=self.timeout_s)
+            pool.schedule(_score_item, args=(completion, answer, soft, self.answer_format), timeout=self.timeout_s)
             for completion, answer in zip(completions, answers, strict=True)
         ]
         waves = -(-len(futures) // self.num_workers)
@@ -265,6 +298,7 @@ class MathReward(Reward):
                 outcomes[i] = _ERROR
                 first_error = first_error or error
         if first_error is not None:
+            self._check_workers(first_error)
             # Not silent: a systematic failure would otherwise look like a model that never answers correctly.
             logger.warning(
                 "MathReward: %d of %d items could not be scored and score 0 (first error: %r)",
@@ -273,6 +307,28 @@ class MathReward(Reward):
                 first_error,
             )
         return scores, outcomes
+
+    def _check_workers(self, error: BaseException) -> None:
+        """Raise ``RewardError`` when the pool cannot score even the warm-up item: its workers cannot start or stay up.
+
+        A single worker lost to one pathological item (an out-of-memory kill) passes this check and costs only that
+        item; a pool whose every worker dies at start would otherwise score every completion 0 for the whole run.
+        """
+        probe = self._ensure_pool().schedule(
+            _score_item, args=(_WARMUP[0][0], _WARMUP[0][1], 1, "value"), timeout=self.timeout_s
+        )
+        try:
+            probe.result(timeout=_POOL_START_ALLOWANCE_S)
+            return
+        except Exception as probe_error:
+            cause = probe_error
+        self.close()
+        raise RewardError(
+            f"MathReward's worker processes cannot start or keep running ({cause!r}; first failed item: {error!r}). "
+            f"With start_method={self.start_method!r} every worker starts by importing the main script: put the "
+            'script\'s code under `if __name__ == "__main__":`; where there is no script file to import (`python -`, '
+            'some notebooks) use MathReward(start_method="fork") or run the code from a file.'
+        ) from error
 
     def _record(self, outcomes: list[str]) -> None:
         killed = outcomes.count(_KILLED)
@@ -319,7 +375,9 @@ class MathReward(Reward):
     def start(self) -> None:
         """Start the workers now instead of on the first call, e.g. while the model loads. Optional; returns at once."""
         # pebble starts a pool's workers on its first task: a throwaway warm-up item does that without waiting.
-        self._ensure_pool().schedule(_score_item, args=(_WARMUP[0][0], _WARMUP[0][1], 1), timeout=self.timeout_s)
+        self._ensure_pool().schedule(
+            _score_item, args=(_WARMUP[0][0], _WARMUP[0][1], 1, "value"), timeout=self.timeout_s
+        )
 
     def close(self) -> None:
         """Stop the worker processes and wait for them to exit. Safe to call twice; a later call restarts them."""
@@ -346,5 +404,5 @@ class MathReward(Reward):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(timeout_s={self.timeout_s}, num_workers={self.num_workers}, "
-            f"start_method={self.start_method!r})"
+            f"start_method={self.start_method!r}, answer_format={self.answer_format!r})"
         )
