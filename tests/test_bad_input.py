@@ -140,8 +140,12 @@ BAD_FLAGS = {
         "--data.rollout.guide_phrases is empty but layer 2 is on: give at least one phrase",
     ),
     "empty_guide_pool_layer2_off": (
-        ["--data.rollout.layer2=false", "--data.rollout.guide_phrases=[]"],
+        ["--data.rollout.layer2=false", "--data.rollout.guide_phrases=[]", "--data.rollout.eval_guide=null"],
         "--data.rollout.guide_phrases is empty and --data.rollout.eval_guide is not set",
+    ),
+    "correction_temperature_differs": (
+        ["--data.rollout.correction_sampling={temperature: 0.5}"],
+        "--data.rollout.correction_sampling.temperature=0.5 differs from --data.rollout.sampling.temperature=1.0",
     ),
     "blank_guide_phrase": (
         ["--data.rollout.guide_phrases=[Check your answer., '  ']"],
@@ -178,10 +182,6 @@ ZERO_VARIANCE = {
     "temperature_0": (
         ["--data.rollout.sampling.temperature=0"],
         "--data.rollout.sampling.temperature is 0 with G > 1: every group's samples are identical",
-    ),
-    "correction_temperature_0": (
-        ["--data.rollout.correction_sampling={temperature: 0}"],
-        "--data.rollout.correction_sampling.temperature is 0 with H > 1",
     ),
     "H_equal_1": (["--data.rollout.num_corrections=1"], "--data.rollout.num_corrections (H) is 1"),
 }

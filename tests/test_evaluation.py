@@ -1,14 +1,22 @@
-"""`mgrpo test` over two local benchmark files at once; logged metrics checked against the per-problem JSONL."""
+"""`mgrpo test` over two local benchmark files at once; logged metrics checked against the per-problem JSONL; and
+one hand-counted benchmark with i→c ≠ c→i through the metric classes, the evaluation hooks and the Table-2 code."""
 
+import csv
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mgrpo_pl.cli import cli_main
-from mgrpo_pl.report import load_records
+from mgrpo_pl.evaluation import TwoTurnEvaluation
+from mgrpo_pl.metrics import SCALAR_METRICS, SelfCorrectionMetrics, self_correction_collection
+from mgrpo_pl.report import csv_table, load_records, markdown_table, summarize
+from mgrpo_pl.rewards import read_final_answer
+from mgrpo_pl.rollout.types import EvalBatch
 
 ROOT = Path(__file__).parent.parent
 
@@ -83,7 +91,11 @@ def test_two_benchmarks_logged_metrics_match_the_jsonl(tiny_model_path, bench_fi
         assert records[0]["problem_id"] == ids
         for r in records:  # the reward really scored each turn's text
             assert r["correct_t1"] == (len(r["turn1"]) % 2 == 0)
-            assert r["correct_t2"] == (len(r["turn2"]) % 2 == 0)
+            # turn 2 is the answer the model ends with: the correction's text when it states an answer, else turn 1's
+            # (the value rules of rewards/reading.py, which ParityReward inherits from Reward)
+            scored = r["turn2"] if read_final_answer(r["turn2"]) is not None else r["turn1"]
+            assert r["answer_t2_from"] == ("turn2" if scored is r["turn2"] else "turn1")
+            assert r["correct_t2"] == (len(scored) % 2 == 0)
         for key, value in _expected(records).items():
             assert logged[f"test/{name}/{key}"] == pytest.approx(value, abs=1e-6), (name, key)
 
@@ -129,3 +141,97 @@ def _inherit():
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env["PATH"] = os.environ["PATH"]
     return env
+
+
+# 10 problems counted by hand, i→c ≠ c→i so that swapping the two (or their sign in Δ) shows:
+#   problem:  0  1  2  3  4  5  6  7  8  9
+#   t1:       1  0  1  1  0  1  0  1  1  0   -> 6 right at t1
+#   t2:       1  1  0  1  1  1  1  1  1  0   -> 8 right at t2
+#   i→c (t1 wrong, t2 right): 1, 4, 6      -> 3
+#   c→i (t1 right, t2 wrong): 2            -> 1
+#   wrong→wrong: 9; right→right: 0, 3, 5, 7, 8
+HAND_T1 = [1, 0, 1, 1, 0, 1, 0, 1, 1, 0]
+HAND_T2 = [1, 1, 0, 1, 1, 1, 1, 1, 1, 0]
+HAND = {
+    "acc_t1": 0.6,  # 6 / 10
+    "acc_t2": 0.8,  # 8 / 10
+    "delta": 0.2,  # 0.8 - 0.6 = 3/10 - 1/10
+    "delta_i2c": 0.3,  # 3 / 10, over ALL problems
+    "delta_c2i": 0.1,  # 1 / 10, over ALL problems
+    "rate_i2c": 0.75,  # 3 of the 4 wrong at t1
+    "rate_c2i": 1 / 6,  # 1 of the 6 right at t1
+}
+
+
+def test_hand_counted_transitions_through_the_metric_classes():
+    t1, t2 = torch.tensor(HAND_T1, dtype=torch.bool), torch.tensor(HAND_T2, dtype=torch.bool)
+    metric = SelfCorrectionMetrics()
+    metric.update(t1[:4], t2[:4])  # two updates: the counts accumulate
+    metric.update(t1[4:], t2[4:])
+    for key, value in metric.compute().items():
+        assert float(value) == pytest.approx(HAND[key], abs=1e-7), key
+    for key, cls in SCALAR_METRICS.items():
+        one = cls()
+        one.update(t1, t2)
+        assert float(one.compute()) == pytest.approx(HAND[key], abs=1e-7), key
+    collection = self_correction_collection(prefix="val/")
+    collection.update(t1, t2)
+    assert {k: pytest.approx(float(v), abs=1e-7) for k, v in collection.compute().items()} == {
+        f"val/{k}": v for k, v in HAND.items()
+    }
+
+
+class _Evaluated(TwoTurnEvaluation):
+    """The evaluation half of MGRPOModule alone: no model, so the Trainer drives only its hooks."""
+
+    def __init__(self, results_dir: str) -> None:
+        super().__init__()
+        self._init_evaluation(results_dir)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on workers, not about the metrics
+def test_hand_counted_transitions_through_evaluation_and_table(tmp_path):
+    """``test_step`` / ``on_test_epoch_end`` log the hand-counted values and write the JSONL from which ``report``
+    builds Table 2; each figure of the table's row is the hand count, in its own column."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    def eval_batch(rows: range) -> EvalBatch:
+        records = [
+            {"problem_id": f"p{i}", "sample": 0, "correct_t1": bool(HAND_T1[i]), "correct_t2": bool(HAND_T2[i])}
+            for i in rows
+        ]
+        return EvalBatch(
+            problem_ids=[r["problem_id"] for r in records],
+            correct_t1=torch.tensor([HAND_T1[i] for i in rows], dtype=torch.bool),
+            correct_t2=torch.tensor([HAND_T2[i] for i in rows], dtype=torch.bool),
+            records=records,
+        )
+
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    batches = [eval_batch(range(0, 6)), eval_batch(range(6, 10))]  # two steps of one benchmark
+    trainer.test(_Evaluated(str(tmp_path)), dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert logged == {f"test/set0/{k}": pytest.approx(v, abs=1e-7) for k, v in HAND.items()}
+
+    records = load_records(tmp_path / "test_set0_step0.jsonl")
+    assert [r["problem_id"] for r in records] == [f"p{i}" for i in range(10)]
+    summary = summarize(records)
+    for key, value in HAND.items():
+        assert summary[key] == pytest.approx(value, abs=1e-7), key
+    assert (summary["n"], summary["samples"]) == (10, 1)
+
+    header, _, row = markdown_table([("bench", "MGRPO", summary)]).splitlines()
+    cells = dict(zip(header.strip("|").split(" | "), row.strip("|").split(" | ")))
+    assert {k.strip(): v.strip() for k, v in cells.items()} == {
+        "Benchmark": "bench",
+        "Method": "MGRPO",
+        "Acc.@t1": "60.0",
+        "Acc.@t2": "80.0",
+        "Δ(t1,t2)": "20.0",
+        "Δi→c(t1,t2)": "30.0",
+        "Δc→i(t1,t2)": "10.0",
+    }
+    (line,) = csv.DictReader(io.StringIO(csv_table([("bench", "MGRPO", summary)])))
+    for key in ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i"):
+        assert float(line[key]) == pytest.approx(HAND[key], abs=1e-7), key

@@ -5,6 +5,7 @@ import torch
 
 from mgrpo_pl.data.problems import Problem
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
+from mgrpo_pl.rewards import read_final_answer
 from mgrpo_pl.rollout.config import RolloutConfig
 from mgrpo_pl.rollout.engine import TransformersEngine
 from mgrpo_pl.rollout.pipeline import MGRPORollout
@@ -134,7 +135,12 @@ def test_evaluation_two_turns(engine_and_tokenizer):
     assert all(r["guide"] == "Check again." for r in result.records)
     for r, c1, c2 in zip(result.records, result.correct_t1, result.correct_t2):
         assert r["correct_t1"] == bool(c1) == (len(r["turn1"]) % 2 == 0)
-        assert r["correct_t2"] == bool(c2) == (len(r["turn2"]) % 2 == 0)
+        # turn 2 is the answer the model ends with: the correction where it states one, else turn 1's text
+        stated = read_final_answer(r["turn2"])
+        scored = r["turn2"] if stated is not None else r["turn1"]
+        assert r["answer_t2_from"] == ("turn2" if stated is not None else "turn1")
+        assert r["correct_t2"] == bool(c2) == (len(scored) % 2 == 0)
+        assert r["turn2_scoring"] == "final"
 
 
 def test_config_errors_name_the_flag():
@@ -160,7 +166,7 @@ def test_new_turn_evaluation_asks_in_a_user_message(engine_and_tokenizer):
     assert prompt in text and text.rstrip().endswith("<|im_start|>assistant")
     assert result.records[0]["guide"] == prompt
     with pytest.raises(ValueError, match="eval_guide"):
-        RolloutConfig(eval_turn2="new_turn")
+        RolloutConfig(eval_turn2="new_turn", eval_guide=None)
 
 
 def test_prompt_longer_than_the_context_names_problem_and_flag(engine_and_tokenizer):

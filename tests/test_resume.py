@@ -9,7 +9,16 @@ from mgrpo_pl.data.resumable import EpochSampler, ResumableLoader
 TAGS = ("train/loss_layer1", "train/loss_layer2", "reward/layer1", "layer2/kept_queries", "train/kl", "train/lr")
 
 
-def _run(tiny_model_path, root, steps, ckpt=None):
+# Validation on every step, drawing its turn-2 phrases from the pool (eval_guide null): the path that drew from
+# training's guide generator, and whose loaders' iterators drew from the global RNG, before evaluation had its own.
+VALIDATE_EVERY_STEP = [
+    "--trainer.limit_val_batches=1",
+    "--trainer.val_check_interval=1",
+    "--data.rollout.eval_guide=null",
+]
+
+
+def _run(tiny_model_path, root, steps, ckpt=None, extra=()):
     args = [
         "fit",
         "--config",
@@ -22,6 +31,7 @@ def _run(tiny_model_path, root, steps, ckpt=None):
         # 6 problems / batch 2 = 3 steps per epoch: the resumed run crosses an epoch boundary.
         "--data.train.options={n: 6, seed: 0, max_value: 9}",
         "--trainer.limit_val_batches=0",
+        *extra,
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         "--trainer.callbacks.every_n_train_steps=1",
         "--trainer.callbacks.save_top_k=-1",
@@ -56,7 +66,36 @@ def test_resumed_steps_equal_the_uninterrupted_run(runs):
         assert sorted(resumed[tag]) == steps[2:], (tag, resumed[tag])  # the resumed run logs steps 3..5 only
         for step in steps[2:]:
             assert resumed[tag][step] == pytest.approx(full[tag][step], rel=1e-6, abs=1e-9), (tag, step)
-    assert len(set(full["reward/layer1"].values())) > 1, "rewards should vary between steps"
+    # The steps must differ, or equal values would prove nothing about which step a resumed run replays.
+    assert len(set(full["layer2/kept_queries"].values())) > 1, full
+
+
+@pytest.fixture(scope="module")
+def validating_runs(tiny_model_path, tmp_path_factory):
+    full, resumed = tmp_path_factory.mktemp("validating"), tmp_path_factory.mktemp("validating_resumed")
+    _run(tiny_model_path, full, steps=5, extra=VALIDATE_EVERY_STEP)
+    # step=2.ckpt is written at the end of step 2's training batch; step 2's validation runs after it
+    ckpt = full / "lightning_logs" / "version_0" / "checkpoints" / "step=2.ckpt"
+    _run(tiny_model_path, resumed, steps=5, ckpt=ckpt, extra=VALIDATE_EVERY_STEP)
+    events = EventAccumulator(str(full / "lightning_logs" / "version_0"))
+    events.Reload()
+    validated = [tag for tag in events.Tags()["scalars"] if tag.startswith("val")]
+    assert validated and len(events.Scalars(validated[0])) == 5, validated  # validation really ran at every step
+    return _scalars(full), _scalars(resumed)
+
+
+def test_validation_changes_no_training_rollout(runs, validating_runs):
+    plain, _ = runs
+    validating, _ = validating_runs
+    for tag in TAGS:
+        assert validating[tag] == pytest.approx(plain[tag], rel=1e-6, abs=1e-9), tag
+
+
+def test_resume_after_a_validated_step_is_exact(validating_runs):
+    full, resumed = validating_runs
+    for tag in TAGS:
+        for step in sorted(full[tag])[2:]:
+            assert resumed[tag][step] == pytest.approx(full[tag][step], rel=1e-6, abs=1e-9), (tag, step)
 
 
 def test_sampler_order_is_fixed_by_seed_and_epoch():

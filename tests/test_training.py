@@ -135,7 +135,9 @@ def _small_run(tiny_model_path, reward, steps, callbacks=()):
     data = MGRPODataModule(
         train=ProblemSet("arithmetic", options={"n": 4, "max_value": 9}),
         batch_size=2,
-        rollout=RolloutConfig(num_generations=2, sampling=SamplingConfig(max_new_tokens=4)),
+        # Corrections scored on their own text: the random model's corrections rarely state an answer, so under the
+        # default reading layer 2 would mostly score turn 1's text again and its groups would carry no signal.
+        rollout=RolloutConfig(num_generations=2, sampling=SamplingConfig(max_new_tokens=4), turn2_scoring="correction"),
         reward=reward,
     )
     trainer = Trainer(

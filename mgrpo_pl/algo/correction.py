@@ -12,7 +12,7 @@ model not to break a correct answer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,10 @@ DEFAULT_GUIDE_PHRASES: tuple[str, ...] = (
     "Another thought: maybe I can",
     "But wait, let me just make sure I didn't miss anything in the original problem.",
 )
+
+#: The fixed turn-2 phrase of evaluation: one of the paper's pool, so every evaluation asks the same thing and draws
+#: nothing from any random stream.
+DEFAULT_EVAL_GUIDE = "Wait, let me double-check that."
 
 #: The intrinsic self-correction baseline's turn-2 prompt (paper Sec. 5, after Huang et al. 2023).
 INTRINSIC_SELF_CORRECTION_PROMPT = (
@@ -159,3 +163,38 @@ class Layer2Plan:
     def kept_per_problem(self, num_problems: int) -> Tensor:
         """[B] long: G' of each problem (kept layer-2 queries)."""
         return torch.bincount(self.problem_index, minlength=num_problems)
+
+
+def turn2_texts(
+    first: Sequence[str],
+    guides: Sequence[str],
+    corrections: Sequence[str],
+    mode: str,
+    states_answer: Callable[[str], bool],
+    separator: str = "\n\n",
+) -> tuple[list[str], list[bool]]:
+    """The texts turn 2 is judged on, and which of them keep turn 1's answer.
+
+    Args:
+        first: Turn-1 texts ``o``, one per query.
+        guides: The guide phrase of each query.
+        corrections: Turn-2 texts (the corrections), one per query.
+        mode: ``final``: the answer the model ends with, i.e. the correction where it states an answer and turn 1's
+            text otherwise (a correction that only affirms keeps turn 1's answer); ``correction``: the correction
+            alone; ``full``: ``o ⊕ separator ⊕ guide ⊕ " " ⊕ correction`` as one text.
+        states_answer: Whether a text states a final answer (``final`` only), as the reward reads answers.
+        separator: What joins ``o`` and the guide in the query.
+
+    Returns:
+        ``(texts, kept_turn1)``: the text to score per query, and True where it is turn 1's (``final`` only).
+    """
+    if not len(first) == len(guides) == len(corrections):
+        raise ValueError(f"{len(first)} turn-1 texts, {len(guides)} guides and {len(corrections)} corrections")
+    if mode == "correction":
+        return list(corrections), [False] * len(corrections)
+    if mode == "full":
+        return [f"{o}{separator}{g} {c}" for o, g, c in zip(first, guides, corrections)], [False] * len(corrections)
+    if mode != "final":
+        raise ValueError(f"turn-2 scoring must be final, correction or full, got {mode!r}")
+    kept = [not states_answer(c) for c in corrections]
+    return [o if keep else c for o, c, keep in zip(first, corrections, kept)], kept

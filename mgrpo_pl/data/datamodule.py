@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DataLoader
@@ -155,8 +156,15 @@ class MGRPODataModule(LightningDataModule):
                 raise ValueError("`mgrpo test` needs at least one problem set in --data.test")
 
     def _loader(self, problems: list[Problem], batch_size: int, shuffle: bool) -> DataLoader:
+        # A private generator: creating the iterator draws a base seed, which must not come from the global RNG that
+        # training samples from (a run that validates would otherwise train on other rollouts than one that does not).
         return DataLoader(
-            problems, batch_size=batch_size, shuffle=shuffle, collate_fn=_collate, num_workers=self.num_workers
+            problems,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=_collate,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

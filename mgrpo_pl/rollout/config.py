@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mgrpo_pl.algo.correction import DEFAULT_GUIDE_PHRASES
+from mgrpo_pl.algo.correction import DEFAULT_EVAL_GUIDE, DEFAULT_GUIDE_PHRASES
 from mgrpo_pl.rollout.types import SamplingConfig
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -38,8 +38,12 @@ class RolloutConfig:
         guide_separator: Text put between the layer-1 completion and the guide phrase.
         think_close: Cut layer-1 completions before this marker so the guide continues the thinking block
             (reasoning models); None disables the cut.
-        turn2_scoring: ``correction`` scores turn 2 on the correction text alone (a correction must state its
-            final answer); ``full`` scores the layer-1 text, guide and correction together.
+        turn2_scoring: What turn 2's answer is, for the layer-2 reward, the probes' selection and Acc@t2 alike.
+            ``final`` (default): the answer the model ends with, i.e. the correction's final answer when the
+            correction states one (as the reward reads answers: ``Reward.final_answer``), else turn 1's (a correction
+            that only affirms keeps it). ``correction``: the correction text alone (one that states no answer
+            scores 0). ``full``: the layer-1 text, guide and correction parsed as one text (an earlier box in the
+            layer-1 text outranks a later unboxed answer).
         correct_threshold: A reward at or above this counts as correct (selection and transition metrics).
         sampling: Sampling for layer 1.
         correction_sampling: Sampling for probes and layer-2 samples; None reuses ``sampling``.
@@ -49,7 +53,9 @@ class RolloutConfig:
         advantage_eps: The eps in (r - mean) / (std + eps).
         eval_sampling: Sampling for the two-turn evaluation (paper: temperature 0.7).
         eval_samples: Samples per problem at evaluation (mean and spread are reported).
-        eval_guide: Fixed turn-2 phrase at evaluation; None draws from the guide pool.
+        eval_guide: Fixed turn-2 phrase at evaluation (default: one of the paper's, "Wait, let me double-check
+            that."); None draws each phrase from the guide pool with evaluation's own generator, seeded by ``seed``
+            and the problem, so evaluation never touches training's random streams.
         eval_turn2: ``continue`` (MGRPO's protocol: the guide continues the assistant turn) or ``new_turn`` (the
             guide is a new user message after the turn-1 answer, as in intrinsic self-correction baselines).
         seed: Seed of the guide-phrase draws.
@@ -68,7 +74,7 @@ class RolloutConfig:
     guide_phrases: list[str] = field(default_factory=lambda: list(DEFAULT_GUIDE_PHRASES))
     guide_separator: str = "\n\n"
     think_close: str | None = "</think>"
-    turn2_scoring: Literal["correction", "full"] = "correction"
+    turn2_scoring: Literal["final", "correction", "full"] = "final"
     correct_threshold: float = 1.0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     correction_sampling: SamplingConfig | None = None
@@ -78,7 +84,7 @@ class RolloutConfig:
     advantage_eps: float = 1e-6
     eval_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
     eval_samples: int = 1
-    eval_guide: str | None = None
+    eval_guide: str | None = DEFAULT_EVAL_GUIDE
     eval_turn2: Literal["continue", "new_turn"] = "continue"
     seed: int = 0
     seed_per_problem: bool = False
@@ -114,6 +120,18 @@ class RolloutConfig:
             raise ValueError("--data.rollout.eval_turn2=new_turn needs --data.rollout.eval_guide (the user's prompt)")
         if self.eval_samples < 1:
             raise ValueError(f"--data.rollout.eval_samples must be >= 1, got {self.eval_samples}")
+        if self.turn2_scoring not in ("final", "correction", "full"):
+            raise ValueError(
+                f"--data.rollout.turn2_scoring must be final, correction or full, got {self.turn2_scoring!r}"
+            )
+        if self.correction_sampling is not None and self.correction_sampling.temperature != self.sampling.temperature:
+            # The module takes every layer's log-probs at one temperature (--model.temperature, linked from
+            # sampling.temperature): layer 2 sampled at another would be trained against the wrong behaviour policy.
+            raise ValueError(
+                f"--data.rollout.correction_sampling.temperature={self.correction_sampling.temperature} differs from "
+                f"--data.rollout.sampling.temperature={self.sampling.temperature}: log-probs of both layers are taken "
+                "at the one temperature of --model.temperature; set them equal"
+            )
         if self.advantage_scaling not in ("group", "batch", "none"):
             raise ValueError(
                 f"--data.rollout.advantage_scaling must be group, batch or none, got {self.advantage_scaling!r}"

@@ -10,6 +10,10 @@ One training step (paper Sec. 4, DESIGN.md "The method in one screen"):
 
 The layer-1 sample / probe pairs also give the step's turn-1 vs turn-2 correctness, from which the module logs
 Acc@t1, Acc@t2, i->c and c->i during training.
+
+Turn 2's answer is read one way everywhere (``turn2_scoring``): by default it is the answer the model ends with, the
+correction's final answer when the correction states one and turn 1's otherwise, so the layer-2 reward, the probes'
+selection and Acc@t2 at evaluation all judge the same thing. Evaluation draws from no stream training uses.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from mgrpo_pl.algo.correction import (
     build_correction_query,
     cap_per_problem,
     select_verified,
+    turn2_texts,
 )
+from mgrpo_pl.rewards.reading import FinalAnswer, read_final_answer
 from mgrpo_pl.rollout.config import RolloutConfig
 from mgrpo_pl.rollout.engine import GenerationEngine
 from mgrpo_pl.rollout.types import EvalBatch, Generation, RolloutBatch, SamplingConfig
@@ -71,6 +77,8 @@ class MGRPORollout:
         self.config = config
         self.tokenizer = tokenizer
         self.reward = reward
+        # What counts as a stated answer is the reward's call, so that turn 2 is read as the reward reads answers.
+        self.final_answer = getattr(reward, "final_answer", None) or read_final_answer
         # The config allows an empty pool only when nothing draws from it (layer 2 off, a fixed eval_guide).
         self.guides = GuidePool(config.guide_phrases or [config.eval_guide or ""])
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -103,9 +111,14 @@ class MGRPORollout:
                     f"{limit} tokens; shorten the problem, lower {flag}, or filter long problems out of the data"
                 )
 
-    def _score(self, texts: list[str], answers: list[str]) -> tuple[Tensor, float]:
+    def _score(
+        self, texts: list[str], answers: list[str], stats: dict[str, float] | None = None
+    ) -> tuple[Tensor, float]:
         start = time.perf_counter()
         rewards = self.reward(texts, answers).float().cpu() if texts else torch.zeros(0)
+        if stats is not None and texts and hasattr(self.reward, "stats"):
+            # Items past their time limit score 0: counted so that a run where many do is visible in TensorBoard.
+            stats["reward/timeouts"] = stats.get("reward/timeouts", 0.0) + self.reward.stats()["last_call_timeouts"]
         if rewards.shape != (len(texts),):
             raise ValueError(f"the reward returned shape {tuple(rewards.shape)} for {len(texts)} completions")
         if not torch.isfinite(rewards).all():
@@ -123,12 +136,13 @@ class MGRPORollout:
         per_prompt: int,
         guide: int | None,
         guides: list[int] | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[list[list[int]], list[int]]:
         """Correction queries for every layer-1 sample, with the guide index used for each (``guides`` when given,
-        else ``guide`` for all, else drawn from the pool)."""
+        else ``guide`` for all, else drawn from the pool with ``generator``, training's guide generator by default)."""
         n = len(first)
         if guides is None:
-            guides = [guide] * n if guide is not None else self.guides.sample(n, self.generator)
+            guides = [guide] * n if guide is not None else self.guides.sample(n, generator or self.generator)
         queries = [
             build_correction_query(
                 prompts[i // per_prompt], first.token_ids[i], self.guide_ids[g], engine.end_ids, self.think_ids
@@ -137,11 +151,18 @@ class MGRPORollout:
         ]
         return queries, guides
 
-    def _turn2_texts(self, first_texts: list[str], guides: list[int], second: Generation) -> list[str]:
-        if self.config.turn2_scoring == "correction":
-            return second.texts
-        sep = self.config.guide_separator
-        return [f"{a}{sep}{self.phrases[g]} {b}" for a, g, b in zip(first_texts, guides, second.texts)]
+    def _turn2_texts(
+        self, first_texts: list[str], guides: list[int], second: Generation
+    ) -> tuple[list[str], list[bool]]:
+        """The texts turn 2 is scored on under ``turn2_scoring``, and which keep turn 1's answer."""
+        return turn2_texts(
+            first_texts,
+            [self.phrases[g] for g in guides],
+            second.texts,
+            self.config.turn2_scoring,
+            lambda text: self.final_answer(text) is not None,
+            self.config.guide_separator,
+        )
 
     def _cap(self, verified: Tensor, problems: Sequence[Problem], step: int) -> Tensor:
         """``verified`` cut to ``max_kept_per_problem`` queries per problem (all of them when unset)."""
@@ -222,7 +243,8 @@ class MGRPORollout:
         tick = time.perf_counter()
         first = self._generate(engine, prompts, c.sampling, G, list(range(B)), seeds["layer1"])
         timings["generate"] += time.perf_counter() - tick
-        r1, dt = self._score(first.texts, answers)
+        stats: dict[str, float] = {}
+        r1, dt = self._score(first.texts, answers, stats)
         timings["reward"] += dt
         adv1 = group_advantages(r1.view(B, G), c.advantage_scaling, c.advantage_eps).flatten()
         correct_t1 = r1 >= c.correct_threshold
@@ -233,7 +255,7 @@ class MGRPORollout:
         truncated = [not f for f in first.finished]
         logprobs = [torch.tensor(lp) for lp in first.logprobs] if first.logprobs is not None else None
         correct_t2 = torch.zeros(0, dtype=torch.bool)
-        stats: dict[str, float] = {"reward/layer1": float(r1.mean()), "tokens/layer1": float(first.num_tokens)}
+        stats.update({"reward/layer1": float(r1.mean()), "tokens/layer1": float(first.num_tokens)})
         samples = [
             {
                 "question": problems[0].question,
@@ -265,7 +287,8 @@ class MGRPORollout:
             drawn_l2 = self._generate(engine, queries, c.layer2_sampling, per_query, owners, seeds["probe"])
             probe, pregenerated = _split_first(drawn_l2, per_query)
             timings["generate"] += time.perf_counter() - tick
-            rp, dt = self._score(self._turn2_texts(first.texts, guides, probe), answers)
+            probe_texts, probe_kept_t1 = self._turn2_texts(first.texts, guides, probe)
+            rp, dt = self._score(probe_texts, answers, stats)
             timings["reward"] += dt
             correct_t2 = rp >= c.correct_threshold
             verified = select_verified(rp, c.correct_threshold)
@@ -277,6 +300,8 @@ class MGRPORollout:
                     "layer2/verified_queries": float(verified.numel()),
                     "layer2/kept_queries": float(K),
                     "layer2/kept_per_problem": K / B,
+                    # corrections that state no answer of their own, so turn 2 keeps turn 1's
+                    "layer2/probe_kept_turn1": float(sum(probe_kept_t1)) / max(1, len(probe_kept_t1)),
                     "tokens/probe": float(probe.num_tokens),
                     # joint: every query's group was generated, kept or not
                     "tokens/layer2_drawn": float(pregenerated.num_tokens) if c.joint_layer2 else 0.0,
@@ -288,7 +313,18 @@ class MGRPORollout:
                 kept = plan.query_index.tolist()
                 ready = pregenerated if c.joint_layer2 else None
                 group = self._layer2_groups(
-                    engine, queries, kept, probe, first.texts, guides, answers, timings, G, seeds["layer2"], ready
+                    engine,
+                    queries,
+                    kept,
+                    probe,
+                    first.texts,
+                    guides,
+                    answers,
+                    timings,
+                    G,
+                    seeds["layer2"],
+                    ready,
+                    stats,
                 )
                 tokens2, texts2, finished2, r2, lp2 = group
                 adv2 = group_advantages(r2.view(K, H), c.advantage_scaling, c.advantage_eps).flatten()
@@ -355,6 +391,7 @@ class MGRPORollout:
         group_size: int,
         seeds: list[int] | None = None,
         pregenerated: Generation | None = None,
+        stats: dict[str, float] | None = None,
     ) -> tuple[list[list[int]], list[str], list[bool], Tensor, list[list[float]] | None]:
         """H samples per kept query (the verified probe first when ``reuse_probe``), with their rewards; the fresh
         ones are generated now, or taken from ``pregenerated`` (``fresh`` rows per query, for every query)."""
@@ -379,10 +416,10 @@ class MGRPORollout:
                 sources.append(k)
                 if logprobs is not None:
                     logprobs.append(gen.logprobs[idx])  # type: ignore[index]
-        scored_texts = self._turn2_texts(
+        scored_texts, _ = self._turn2_texts(
             [first_texts[k] for k in sources], [guides[k] for k in sources], Generation(tokens, texts, finished)
         )
-        rewards, dt = self._score(scored_texts, [answers[k] for k in sources])
+        rewards, dt = self._score(scored_texts, [answers[k] for k in sources], stats)
         timings["reward"] += dt
         return tokens, texts, finished, rewards, logprobs
 
@@ -406,13 +443,14 @@ class MGRPORollout:
     def evaluate(self, engine: GenerationEngine, problems: Sequence[Problem]) -> EvalBatch:
         """Turn 1 answers each problem; turn 2 continues ``q ⊕ o ⊕ guide`` (or asks in a new user turn); both turns
         are scored."""
-        # Evaluation samples from its own seeded stream: results do not depend on when in training it runs, and it
-        # leaves the training RNG untouched (exact resume).
+        # Evaluation samples, and draws any guide phrase, from its own seeded streams: results do not depend on when
+        # in training it runs, and it leaves training's RNG and guide generator untouched (exact resume).
+        seed = self.config.seed + zlib.crc32(problems[0].id.encode()) if problems else self.config.seed
         with torch.random.fork_rng(), engine.reuse_prefixes():  # turn 2 starts with turn 1's sequences
-            torch.manual_seed(self.config.seed + zlib.crc32(problems[0].id.encode()) if problems else self.config.seed)
-            return self._evaluate(engine, problems)
+            torch.manual_seed(seed)
+            return self._evaluate(engine, problems, torch.Generator().manual_seed(seed))
 
-    def _evaluate(self, engine: GenerationEngine, problems: Sequence[Problem]) -> EvalBatch:
+    def _evaluate(self, engine: GenerationEngine, problems: Sequence[Problem], generator: torch.Generator) -> EvalBatch:
         c = self.config
         k = c.eval_samples
         prompts = self.encode(problems)
@@ -426,12 +464,16 @@ class MGRPORollout:
             queries = [self._new_turn_query(problems[i // k], first.texts[i]) for i in range(len(first))]
             guides = [self.eval_guide_index] * len(first)
         else:
-            queries, guides = self._queries(engine, prompts, first, k, self.eval_guide_index)
+            queries, guides = self._queries(engine, prompts, first, k, self.eval_guide_index, generator=generator)
         turn2_labels = [f"turn-2 query of {labels[i // k]}" for i in range(len(queries))]
         self._check_context(engine, queries, c.eval_sampling.max_new_tokens, turn2_labels, flag)
         second = engine.generate(queries, c.eval_sampling, n=1)
-        r2, _ = self._score(self._turn2_texts(first.texts, guides, second), answers)
+        scored, kept_t1 = self._turn2_texts(first.texts, guides, second)
+        r2, _ = self._score(scored, answers)
         ok1, ok2 = r1 >= c.correct_threshold, r2 >= c.correct_threshold
+        read1 = [self.final_answer(t) for t in first.texts]
+        # The answer turn 2 was judged on, for auditing a transition (the whole text for the ``full`` reading).
+        read2 = [read1[i] if kept_t1[i] else self.final_answer(scored[i]) for i in range(len(scored))]
         records = [
             {
                 "problem_id": problems[i // k].id,
@@ -441,6 +483,13 @@ class MGRPORollout:
                 "turn1": first.texts[i],
                 "turn2": second.texts[i],
                 "guide": self.phrases[guides[i]],
+                "answer_t1": _answer_text(read1[i]),
+                "answer_t2": _answer_text(read2[i]),
+                "answer_t2_from": "turn1" if kept_t1[i] else "turn2",
+                "turn2_scoring": c.turn2_scoring,
+                # False: cut at max_new_tokens (a truncated correction is one of the audit's categories)
+                "finished_t1": bool(first.finished[i]),
+                "finished_t2": bool(second.finished[i]),
                 "correct_t1": bool(ok1[i]),
                 "correct_t2": bool(ok2[i]),
             }
@@ -452,6 +501,13 @@ class MGRPORollout:
             correct_t2=ok2,
             records=records,
         )
+
+
+def _answer_text(answer: FinalAnswer | None) -> str | None:
+    """A read answer as the per-problem records show it: its text, marked when it is an unevaluated expression."""
+    if answer is None:
+        return None
+    return f"{answer.text} (unevaluated)" if answer.unevaluated else answer.text
 
 
 def _take(gen: Generation, rows: Sequence[int]) -> Generation:
