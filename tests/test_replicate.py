@@ -1,4 +1,5 @@
-"""scripts/replicate.py end to end on the tiny model: both trainings, the three evaluations, the table and the plot."""
+"""scripts/replicate.py end to end on the tiny model: both trainings, the five evaluations, the table, the statistics,
+the audit and the plot."""
 
 from __future__ import annotations
 
@@ -29,15 +30,27 @@ def test_replication_script_writes_table_plot_and_report(tiny_model_path, tmp_pa
         "--val-every=1",
         "--eval-samples=2",
         "--test=[{source: arithmetic, name: arith_eval, options: {n: 3, seed: 5, max_value: 9}}]",
+        "--second-guide=Let me check the sum again.",
         "--",
         f"--model.model={tiny_model_path}",
     ]
     report = replicate.main(argv)
     rows = list(csv.DictReader((out / "table.csv").open()))
-    assert [r["method"] for r in rows] == ["Intrinsic self-correction (untrained)", "GRPO", "MGRPO"]
+    assert [r["method"] for r in rows] == [
+        "Intrinsic self-correction (untrained)",
+        "Untrained (continuation)",
+        "GRPO",
+        "MGRPO",
+        "MGRPO (second guide)",
+    ]
     assert {r["benchmark"] for r in rows} == {"arith_eval"}
     assert "| arith_eval |" in (out / "table.md").read_text()
     assert (out / "training.png").stat().st_size > 10_000
+    stats = json.loads((out / "stats.json").read_text())
+    assert "McNemar" in (out / "stats.md").read_text() and stats
+    assert "MGRPO (second guide)" in (out / "audit.md").read_text()
+    second = [json.loads(line) for p in (out / "eval" / "MGRPO_second_guide").glob("*.jsonl") for line in p.open()]
+    assert {r["guide"] for r in second} == {"Let me check the sum again."}
     saved = json.loads((out / "run.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert set(saved["checkpoints"]) == {"GRPO", "MGRPO"}
