@@ -66,9 +66,9 @@ _ANSWER_LINE = re.compile(r"^[ \t*#>_-]*answer[ \t*_]*:[ \t]*(.*)$", re.IGNORECA
 _NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+")
 # A negation right before a number: "not 1", "isn't 1", "instead of 1", "rather than 1".
 _NEGATION = re.compile(r"(?:\bnot|n't|\binstead of|\brather than)\s*\$?\s*-?$", re.IGNORECASE)
-# A list index or step number: "1." / "2)" opening a line, or "Step 3".
 # "8, not 1" and "8 (not 1)": the negated alternative is not part of the answer.
 _NEGATED_TAIL = re.compile(r",?\s*\(?\s*(?:not|rather than|instead of)\b", re.IGNORECASE)
+# A list index or step number: "1." / "2)" opening a line, or "Step 3".
 _LIST_INDEX = re.compile(r"(?:^|\n)[ \t]*(?:[-*][ \t]*)?$")
 _STEP = re.compile(r"\bstep\s*$", re.IGNORECASE)
 # Tokens of arithmetic on numbers. Expressions are checked token by token, never by one regex with nested repetition

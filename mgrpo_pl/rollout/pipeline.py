@@ -1,6 +1,6 @@
 """The two-layer MGRPO rollout and the two-turn evaluation, engine-agnostic.
 
-One training step (paper Sec. 4, DESIGN.md "The method in one screen"):
+One training step (paper Sec. 4, Eq. 1-6):
 
 1. Layer 1: G samples per problem -> rewards -> group-relative advantages.
 2. Layer 2: every layer-1 sample becomes a correction query ``q ⊕ o ⊕ p_guide`` continuing the assistant turn; one

@@ -1,6 +1,6 @@
 """The vLLM generation engine: colocated with the trainer, in the same process, refreshed in place every step.
 
-Shape of the engine (DESIGN.md, "Generation sits behind one engine interface"):
+Shape of the engine (generation sits behind one engine interface, ``rollout/engine.py``):
 
 * **In-process.** ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and ``distributed_executor_backend="uni"`` put vLLM's engine
   core and its one worker in this process, so the weight push hands the worker the policy's tensors by reference:
