@@ -118,7 +118,7 @@ TABLE = [
 
 # (id, completion, gold, timeouts expected in that call or None when the outcome depends on machine speed)
 ADVERSARIAL = [
-    ("factorial", "\\boxed{(2^{100000}+1)!}", "1", 1),
+    ("factorial", "\\boxed{(2^{100000}+1)!}", "1", None),  # its parse takes 0.97-1.1 s here: at the 1-s limit
     ("power_tower", "\\boxed{2^{2^{2^{2^{2^{2}}}}}}", "1", 1),
     ("huge_power", "\\boxed{9^{9^{9}}}", "1", 1),
     ("million_chars", "1 " * 500_000, "2", 0),  # read as its last number, 1, in ~0.4 s: no time limit is reached
@@ -198,7 +198,9 @@ def test_adversarial_batch_keeps_good_items(reward):
     assert reward(completions, answers).tolist() == [0.0, 1.0, 0.0, 1.0]
     # Two workers: the slow items take at most two rounds (one if both workers are up, as usual).
     assert time.monotonic() - start < 2 * TIMEOUT_S + MARGIN_S
-    assert reward.stats()["last_call_timeouts"] == 2
+    # The power tower always hits the limit; the factorial's parse takes 0.97-1.1 s on this CPU, right at the 1-s limit,
+    # so whether it is cut depends on the machine (its score is 0 either way).
+    assert reward.stats()["last_call_timeouts"] in (1, 2)
 
 
 def test_hard_timeout_kills_and_replaces_the_worker():
