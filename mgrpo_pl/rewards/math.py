@@ -72,10 +72,18 @@ _OK, _TIMEOUT, _KILLED, _ERROR, _NO_GOLD = "ok", "timeout", "killed", "error", "
 
 logger = logging.getLogger(__name__)
 
-# Worker start-up (imports + warm-up) and a replacement after a kill are not covered by pebble's per-task timeout;
-# these allowances only size the whole-call backstop deadline, they never shorten a legitimate item.
-_POOL_START_ALLOWANCE_S = 120.0
+# Worker start-up (imports + warm-up, ~3 s) and a replacement after a kill are not covered by pebble's per-task
+# timeout; these allowances size the whole-call deadline, never a legitimate item's limit. Items still pending at the
+# deadline mean the pool does not run, and the call raises RewardError.
+_POOL_START_ALLOWANCE_S = 60.0
 _RESTART_ALLOWANCE_S = 10.0
+
+# What a user does about workers that cannot start (RewardError's second half).
+_START_FIX = (
+    "With start_method={start_method!r} every worker starts by importing the main script: put the script's code under "
+    '`if __name__ == "__main__":`; where there is no script file to import (`python -`, some notebooks) use '
+    'MathReward(start_method="fork") or run the code from a file.'
+)
 
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
@@ -284,6 +292,7 @@ class MathReward(Reward):
         scores = [0.0] * len(futures)
         outcomes = [_ERROR] * len(futures)
         first_error: BaseException | None = None
+        unscored = 0
         for i, future in enumerate(futures):
             try:
                 scores[i], outcomes[i] = future.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -291,12 +300,22 @@ class MathReward(Reward):
                 if not future.done():
                     # Our whole-call backstop rather than pebble's per-item limit; cancelling kills the worker.
                     future.cancel()
+                    unscored += 1
                 outcomes[i] = _KILLED
             except Exception as error:
                 # ProcessExpired: the worker died (segfault, OOM kill, a script that fails when a worker imports it);
                 # CancelledError: close() from another thread.
                 outcomes[i] = _ERROR
                 first_error = first_error or error
+        if unscored:
+            # Each item has a hard limit of timeout_s, so items still pending at the whole-call deadline mean the pool
+            # itself does not run (seen under load: workers that die at start are respawned until the deadline).
+            self.close()
+            raise RewardError(
+                f"MathReward's worker processes cannot start or keep running: {unscored} of {len(futures)} items were "
+                f"still unscored at the call's deadline, although each has a {self.timeout_s:g} s limit. "
+                + _START_FIX.format(start_method=self.start_method)
+            )
         if first_error is not None:
             self._check_workers(first_error)
             # Not silent: a systematic failure would otherwise look like a model that never answers correctly.
@@ -325,9 +344,7 @@ class MathReward(Reward):
         self.close()
         raise RewardError(
             f"MathReward's worker processes cannot start or keep running ({cause!r}; first failed item: {error!r}). "
-            f"With start_method={self.start_method!r} every worker starts by importing the main script: put the "
-            'script\'s code under `if __name__ == "__main__":`; where there is no script file to import (`python -`, '
-            'some notebooks) use MathReward(start_method="fork") or run the code from a file.'
+            + _START_FIX.format(start_method=self.start_method)
         ) from error
 
     def _record(self, outcomes: list[str]) -> None:
