@@ -35,6 +35,9 @@ from pathlib import Path
 from mgrpo_pl.report import load_records
 from mgrpo_pl.rewards import read_final_answer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling statistics script, however this one is run
+import replication_stats  # noqa: E402
+
 CATEGORIES = ("empty", "cut", "affirmed", "different_quantity", "different_value")
 # Caps the subset-sum search at 2**16 (size, sum) states per case.
 MAX_QUESTION_NUMBERS = 16
@@ -129,13 +132,8 @@ def audit(records: list[dict]) -> list[dict]:
 
 
 def parse_arm(spec: str) -> tuple[str, Path]:
-    """``NAME=PATH.jsonl`` -> (name, path); the error names the argument."""
-    name, sep, path = spec.partition("=")
-    if not sep or not name.strip() or not path:
-        raise SystemExit(f"arm {spec!r}: expected NAME=PATH.jsonl")
-    if not Path(path).is_file():
-        raise SystemExit(f"arm {spec!r}: {path} is not a file")
-    return name.strip(), Path(path)
+    """``NAME=PATH.jsonl`` -> (name, path), as the statistics script reads its arms; the error names the argument."""
+    return replication_stats.parse_arm(spec, flag="arm")
 
 
 def main(argv: list[str] | None = None) -> int:

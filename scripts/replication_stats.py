@@ -94,13 +94,13 @@ def paired_bootstrap_ci(
     return float(d.mean()), float(lo), float(hi)
 
 
-def parse_arm(spec: str) -> tuple[str, Path]:
-    """``NAME=PATH.jsonl`` -> (name, path); the error names the flag."""
+def parse_arm(spec: str, flag: str = "--arm") -> tuple[str, Path]:
+    """``NAME=PATH.jsonl`` -> (name, path); the error names ``flag``."""
     name, sep, path = spec.partition("=")
     if not sep or not name.strip() or not path:
-        raise SystemExit(f"--arm {spec!r}: expected NAME=PATH.jsonl")
+        raise SystemExit(f"{flag} {spec!r}: expected NAME=PATH.jsonl")
     if not Path(path).is_file():
-        raise SystemExit(f"--arm {spec!r}: {path} is not a file")
+        raise SystemExit(f"{flag} {spec!r}: {path} is not a file")
     return name.strip(), Path(path)
 
 
