@@ -19,22 +19,21 @@ import json
 import sys
 from pathlib import Path
 
-from mgrpo_pl.algo.correction import turn2_texts
+from mgrpo_pl.algo.correction import TURN2_SCORINGS, turn2_texts
 from mgrpo_pl.report import COLUMNS, load_records, markdown_table, summarize
 from mgrpo_pl.rewards import ANSWER_FORMATS, MathReward
 
 DEFAULT_READINGS = ("old=math_verify:correction", "new=value:final")
-TURN2_MODES = ("final", "correction", "full")
 
 
 def parse_reading(spec: str) -> tuple[str, str, str]:
     """``NAME=ANSWER_FORMAT:TURN2_SCORING`` -> (name, answer_format, turn2_scoring); the error names the flag."""
     name, _, rest = spec.partition("=")
     answer_format, _, mode = rest.partition(":")
-    if not name or answer_format not in ANSWER_FORMATS or mode not in TURN2_MODES:
+    if not name or answer_format not in ANSWER_FORMATS or mode not in TURN2_SCORINGS:
         raise SystemExit(
             f"--reading {spec!r}: expected NAME=ANSWER_FORMAT:TURN2_SCORING with ANSWER_FORMAT one of "
-            f"{', '.join(ANSWER_FORMATS)} and TURN2_SCORING one of {', '.join(TURN2_MODES)}"
+            f"{', '.join(ANSWER_FORMATS)} and TURN2_SCORING one of {', '.join(TURN2_SCORINGS)}"
         )
     return name, answer_format, mode
 

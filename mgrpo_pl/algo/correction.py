@@ -165,6 +165,10 @@ class Layer2Plan:
         return torch.bincount(self.problem_index, minlength=num_problems)
 
 
+#: The readings of turn 2 (``RolloutConfig.turn2_scoring``): see ``turn2_texts``.
+TURN2_SCORINGS: tuple[str, ...] = ("final", "correction", "full")
+
+
 def turn2_texts(
     first: Sequence[str],
     guides: Sequence[str],
@@ -194,7 +198,7 @@ def turn2_texts(
         return list(corrections), [False] * len(corrections)
     if mode == "full":
         return [f"{o}{separator}{g} {c}" for o, g, c in zip(first, guides, corrections)], [False] * len(corrections)
-    if mode != "final":
-        raise ValueError(f"turn-2 scoring must be final, correction or full, got {mode!r}")
+    if mode not in TURN2_SCORINGS:
+        raise ValueError(f"turn-2 scoring must be one of {', '.join(TURN2_SCORINGS)}, got {mode!r}")
     kept = [not states_answer(c) for c in corrections]
     return [o if keep else c for o, c, keep in zip(first, corrections, kept)], kept

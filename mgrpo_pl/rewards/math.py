@@ -61,7 +61,7 @@ from pebble import ProcessPool
 
 from mgrpo_pl.rewards.answers import normalize_gold
 from mgrpo_pl.rewards.base import Reward, RewardError
-from mgrpo_pl.rewards.reading import ANSWER_FORMATS, AnswerFormat, FinalAnswer, read_final_answer
+from mgrpo_pl.rewards.reading import AnswerFormat, FinalAnswer, check_answer_format, read_final_answer
 
 if TYPE_CHECKING:
     import torch
@@ -217,9 +217,7 @@ class MathReward(Reward):
                 f"start_method {start_method!r} is not available here; choose from "
                 f"{multiprocessing.get_all_start_methods()}"
             )
-        if answer_format not in ANSWER_FORMATS:
-            raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
-        self.answer_format = answer_format
+        self.answer_format = check_answer_format(answer_format)
         self.timeout_s = float(timeout_s)
         self.num_workers = int(num_workers)
         self.start_method = start_method
@@ -333,9 +331,7 @@ class MathReward(Reward):
         A single worker lost to one pathological item (an out-of-memory kill) passes this check and costs only that
         item; a pool whose every worker dies at start would otherwise score every completion 0 for the whole run.
         """
-        probe = self._ensure_pool().schedule(
-            _score_item, args=(_WARMUP[0][0], _WARMUP[0][1], 1, "value"), timeout=self.timeout_s
-        )
+        probe = self._schedule_warmup_item()
         try:
             probe.result(timeout=_POOL_START_ALLOWANCE_S)
             return
@@ -392,7 +388,11 @@ class MathReward(Reward):
     def start(self) -> None:
         """Start the workers now instead of on the first call, e.g. while the model loads. Optional; returns at once."""
         # pebble starts a pool's workers on its first task: a throwaway warm-up item does that without waiting.
-        self._ensure_pool().schedule(
+        self._schedule_warmup_item()
+
+    def _schedule_warmup_item(self):  # noqa: ANN202 - a pebble future
+        """Schedule one known-good item; its future tells whether the pool can score at all."""
+        return self._ensure_pool().schedule(
             _score_item, args=(_WARMUP[0][0], _WARMUP[0][1], 1, "value"), timeout=self.timeout_s
         )
 

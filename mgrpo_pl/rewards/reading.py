@@ -39,7 +39,7 @@ from mgrpo_pl.rewards.answers import last_boxed_content
 AnswerFormat = Literal["value", "boxed", "answer_line", "math_verify"]
 ANSWER_FORMATS: tuple[str, ...] = ("value", "boxed", "answer_line", "math_verify")
 
-__all__ = ["ANSWER_FORMATS", "AnswerFormat", "FinalAnswer", "read_final_answer"]
+__all__ = ["ANSWER_FORMATS", "AnswerFormat", "FinalAnswer", "check_answer_format", "read_final_answer"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ def read_final_answer(text: str, answer_format: AnswerFormat = "value") -> Final
     Raises:
         ValueError: For an unknown ``answer_format``.
     """
+    check_answer_format(answer_format)
     if answer_format == "value":
         return _read_value(text)
     if answer_format == "boxed":
@@ -100,9 +101,14 @@ def read_final_answer(text: str, answer_format: AnswerFormat = "value") -> Final
     if answer_format == "answer_line":
         lines = list(_ANSWER_LINE.finditer(text))
         return _statement_value(lines[-1].group(1), "line") if lines else None
-    if answer_format == "math_verify":
-        return FinalAnswer(text, "math_verify") if text.strip() else None
-    raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
+    return FinalAnswer(text, "math_verify") if text.strip() else None
+
+
+def check_answer_format(answer_format: str) -> AnswerFormat:
+    """``answer_format`` itself when it names a reading; else ``ValueError`` listing the names."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
+    return answer_format  # type: ignore[return-value]
 
 
 def _read_value(text: str) -> FinalAnswer | None:

@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mgrpo_pl.algo.correction import DEFAULT_EVAL_GUIDE, DEFAULT_GUIDE_PHRASES
+from mgrpo_pl.algo.correction import DEFAULT_EVAL_GUIDE, DEFAULT_GUIDE_PHRASES, TURN2_SCORINGS
 from mgrpo_pl.rollout.types import SamplingConfig
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -120,9 +120,9 @@ class RolloutConfig:
             raise ValueError("--data.rollout.eval_turn2=new_turn needs --data.rollout.eval_guide (the user's prompt)")
         if self.eval_samples < 1:
             raise ValueError(f"--data.rollout.eval_samples must be >= 1, got {self.eval_samples}")
-        if self.turn2_scoring not in ("final", "correction", "full"):
+        if self.turn2_scoring not in TURN2_SCORINGS:
             raise ValueError(
-                f"--data.rollout.turn2_scoring must be final, correction or full, got {self.turn2_scoring!r}"
+                f"--data.rollout.turn2_scoring must be one of {', '.join(TURN2_SCORINGS)}, got {self.turn2_scoring!r}"
             )
         if self.correction_sampling is not None and self.correction_sampling.temperature != self.sampling.temperature:
             # The module takes every layer's log-probs at one temperature (--model.temperature, linked from

@@ -40,7 +40,8 @@ from mgrpo_pl.algo.correction import (
 from mgrpo_pl.rewards.reading import FinalAnswer, read_final_answer
 from mgrpo_pl.rollout.config import RolloutConfig
 from mgrpo_pl.rollout.engine import GenerationEngine
-from mgrpo_pl.rollout.types import EvalBatch, Generation, RolloutBatch, SamplingConfig
+from mgrpo_pl.rollout.generation import generate, split_first, take
+from mgrpo_pl.rollout.types import EvalBatch, Generation, RolloutBatch
 
 if TYPE_CHECKING:
     from mgrpo_pl.data.problems import Problem
@@ -177,46 +178,6 @@ class MGRPORollout:
     def _problem_seed(self, step: int, problem: Problem, tag: str) -> int:
         return zlib.crc32(f"{self.config.seed}/{step}/{problem.id}/{tag}".encode())
 
-    @staticmethod
-    def _generate(
-        engine: GenerationEngine,
-        prompts: list[list[int]],
-        sampling: SamplingConfig,
-        n: int,
-        owners: list[int],
-        seeds: list[int] | None,
-    ) -> Generation:
-        """One engine call for all prompts; or, with per-problem ``seeds``, one call per problem (``owners[i]`` is
-        prompt i's problem, non-decreasing) with torch's RNG seeded by that problem's seed.
-
-        An engine whose ranks must move in lockstep (``engine.lockstep``: a sharded policy that generates with
-        collectives) is called even with no prompts, so every rank makes the same calls.
-        """
-        lockstep = bool(getattr(engine, "lockstep", False))
-        if seeds is None:
-            if not prompts and not lockstep:
-                return Generation([], [], [], [])
-            return engine.generate(prompts, sampling, n=n)
-        if any(a > b for a, b in zip(owners, owners[1:])):
-            raise ValueError("prompts must be grouped by problem")
-        parts = []
-        for problem, seed in enumerate(seeds):
-            rows = [i for i, owner in enumerate(owners) if owner == problem]
-            if not rows and not lockstep:
-                continue
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                if torch.cuda.is_available():
-                    torch.cuda.manual_seed(seed)  # fork_rng restores the CPU state; CUDA sampling needs its own
-                parts.append(engine.generate([prompts[i] for i in rows], sampling, n=n))
-        with_logprobs = bool(parts) and all(part.logprobs is not None for part in parts)
-        return Generation(
-            token_ids=[t for part in parts for t in part.token_ids],
-            texts=[t for part in parts for t in part.texts],
-            finished=[f for part in parts for f in part.finished],
-            logprobs=[lp for part in parts for lp in part.logprobs] if with_logprobs else None,  # type: ignore[union-attr]
-        )
-
     # -- training ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, engine: GenerationEngine, problems: Sequence[Problem], step: int = 0) -> RolloutBatch:
@@ -241,7 +202,7 @@ class MGRPORollout:
             engine, prompts, c.sampling.max_new_tokens, labels, "--data.rollout.sampling.max_new_tokens"
         )
         tick = time.perf_counter()
-        first = self._generate(engine, prompts, c.sampling, G, list(range(B)), seeds["layer1"])
+        first = generate(engine, prompts, c.sampling, G, list(range(B)), seeds["layer1"])
         timings["generate"] += time.perf_counter() - tick
         stats: dict[str, float] = {}
         r1, dt = self._score(first.texts, answers, stats)
@@ -284,8 +245,8 @@ class MGRPORollout:
             # joint: every query's probe and its group's fresh samples come from one engine call; the fresh
             # samples of queries whose probe fails are then dropped.
             per_query = 1 + c.fresh_corrections if c.joint_layer2 else 1
-            drawn_l2 = self._generate(engine, queries, c.layer2_sampling, per_query, owners, seeds["probe"])
-            probe, pregenerated = _split_first(drawn_l2, per_query)
+            drawn_l2 = generate(engine, queries, c.layer2_sampling, per_query, owners, seeds["probe"])
+            probe, pregenerated = split_first(drawn_l2, per_query)
             timings["generate"] += time.perf_counter() - tick
             probe_texts, probe_kept_t1 = self._turn2_texts(first.texts, guides, probe)
             rp, dt = self._score(probe_texts, answers, stats)
@@ -348,7 +309,7 @@ class MGRPORollout:
                     stats["tokens/layer2_drawn"] = stats["tokens/layer2"] - reused
             elif getattr(engine, "lockstep", False) and not c.joint_layer2:
                 # This rank kept nothing, but the others generate: join their collectives with the same calls.
-                self._generate(engine, [], c.layer2_sampling, 1, [], seeds["layer2"])
+                generate(engine, [], c.layer2_sampling, 1, [], seeds["layer2"])
 
         generated = stats["tokens/layer1"] + stats.get("tokens/probe", 0.0) + stats.get("tokens/layer2_drawn", 0.0)
         stats.update(
@@ -398,11 +359,11 @@ class MGRPORollout:
         c = self.config
         fresh = c.fresh_corrections
         if pregenerated is not None:
-            more = _take(pregenerated, [k * fresh + h for k in kept for h in range(fresh)])
+            more = take(pregenerated, [k * fresh + h for k in kept for h in range(fresh)])
         else:
             tick = time.perf_counter()
             owners = [k // group_size for k in kept]
-            more = self._generate(engine, [queries[k] for k in kept], c.layer2_sampling, fresh, owners, seeds)
+            more = generate(engine, [queries[k] for k in kept], c.layer2_sampling, fresh, owners, seeds)
             timings["generate"] += time.perf_counter() - tick
         tokens, texts, finished, sources = [], [], [], []
         logprobs: list[list[float]] | None = [] if more.logprobs is not None and probe.logprobs is not None else None
@@ -508,19 +469,3 @@ def _answer_text(answer: FinalAnswer | None) -> str | None:
     if answer is None:
         return None
     return f"{answer.text} (unevaluated)" if answer.unevaluated else answer.text
-
-
-def _take(gen: Generation, rows: Sequence[int]) -> Generation:
-    """The given rows of a generation, in that order."""
-    return Generation(
-        token_ids=[gen.token_ids[i] for i in rows],
-        texts=[gen.texts[i] for i in rows],
-        finished=[gen.finished[i] for i in rows],
-        logprobs=[gen.logprobs[i] for i in rows] if gen.logprobs is not None else None,
-    )
-
-
-def _split_first(gen: Generation, per: int) -> tuple[Generation, Generation]:
-    """Split ``per`` rows per query into each query's first row and the others (both query-major)."""
-    queries = range(len(gen) // per)
-    return _take(gen, [q * per for q in queries]), _take(gen, [q * per + h for q in queries for h in range(1, per)])
