@@ -1,13 +1,11 @@
 """Kill-and-resume: a run resumed from step k's checkpoint continues exactly like the uninterrupted run."""
 
 import pytest
+from resume_runs import TAGS, fit_args, scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mgrpo_pl.cli import cli_main
 from mgrpo_pl.data.resumable import EpochSampler, ResumableLoader
-
-TAGS = ("train/loss_layer1", "train/loss_layer2", "reward/layer1", "layer2/kept_queries", "train/kl", "train/lr")
-
 
 # Validation on every step, drawing its turn-2 phrases from the pool (eval_guide null): the path that drew from
 # training's guide generator, and whose loaders' iterators drew from the global RNG, before evaluation had its own.
@@ -19,33 +17,18 @@ VALIDATE_EVERY_STEP = [
 
 
 def _run(tiny_model_path, root, steps, ckpt=None, extra=()):
-    args = [
-        "fit",
-        "--config",
-        "configs/tiny.yaml",
-        f"--model.model={tiny_model_path}",
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.max_steps={steps}",
-        "--data.reward=plugin_rewards.ParityReward",
-        "--data.rollout.layer2=true",
-        # 6 problems / batch 2 = 3 steps per epoch: the resumed run crosses an epoch boundary.
-        "--data.train.options={n: 6, seed: 0, max_value: 9}",
-        "--trainer.limit_val_batches=0",
-        *extra,
+    checkpoint_every_step = [
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         "--trainer.callbacks.every_n_train_steps=1",
         "--trainer.callbacks.save_top_k=-1",
         "--trainer.callbacks.filename={step}",
     ]
-    if ckpt:
-        args += [f"--ckpt_path={ckpt}", "--weights_only=true"]
-    cli_main(args)
+    resume = [f"--ckpt_path={ckpt}", "--weights_only=true"] if ckpt else []
+    cli_main(fit_args(tiny_model_path, root, steps, *extra, *checkpoint_every_step, *resume))
 
 
 def _scalars(root):
-    events = EventAccumulator(str(next((root / "lightning_logs").glob("version_0"))))
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in TAGS}
+    return scalars(root / "lightning_logs" / "version_0")
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +99,11 @@ def test_loader_state_skips_used_batches_once():
     fresh.load_state_dict(state)
     assert list(fresh) == [[6, 7, 8], [9]]
     assert list(fresh)[0] == [0, 1, 2]  # the next epoch starts from the beginning
+
+
+def test_a_checkpoint_from_an_epochs_last_batch_resumes_with_the_whole_next_epoch():
+    # Lightning moves on to the next epoch (set_epoch) before it iterates when the saved epoch had no batch left.
+    fresh = ResumableLoader(list(range(6)), batch_size=2, shuffle=False, seed=0, collate_fn=list)
+    fresh.load_state_dict({"epoch": 0, "used_in_epoch": 3})
+    fresh.epoch_sampler.set_epoch(1)
+    assert list(fresh) == [[0, 1], [2, 3], [4, 5]]

@@ -55,6 +55,7 @@ class EpochSampler(DistributedSampler):
         self.rank = rank
         self.epoch = 0
         self.skip = 0
+        self.skip_epoch = 0
         self.drop_last = False
         span = self.batch_size * num_replicas
         self.total_size = size if num_replicas == 1 else -(-size // span) * span
@@ -83,7 +84,9 @@ class EpochSampler(DistributedSampler):
         return [i for start in range(0, len(order), span) for i in order[start + first : start + first + b]]
 
     def __iter__(self) -> Iterator[int]:
-        skip, self.skip = self.skip, 0  # a resume skips only within the epoch it happened in
+        # A resume skips only within the epoch it happened in. A checkpoint from an epoch's last step resumes with
+        # the next epoch (Lightning moves on to it before iterating), which must then start from its beginning.
+        skip, self.skip = (self.skip if self.epoch == self.skip_epoch else 0), 0
         return iter(self.shard()[skip:])
 
     def __len__(self) -> int:
@@ -127,6 +130,7 @@ class ResumableLoader(DataLoader):
         self.epoch_sampler.epoch = self._epoch_of_count = int(state["epoch"])
         self.used_in_epoch = int(state["used_in_epoch"])
         self.epoch_sampler.skip = self.used_in_epoch * int(self.batch_size or 1)
+        self.epoch_sampler.skip_epoch = self._epoch_of_count
 
 
 class RngState:
