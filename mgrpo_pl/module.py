@@ -40,6 +40,7 @@ from mgrpo_pl.distributed import (
     global_rollout_stats,
     global_sums,
 )
+from mgrpo_pl.errors import ConfigError
 from mgrpo_pl.evaluation import TwoTurnEvaluation
 from mgrpo_pl.metrics import SelfCorrectionMetrics
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
@@ -168,22 +169,24 @@ class MGRPOModule(TwoTurnEvaluation):
             self.aggregation = LossAggregation(loss_aggregation)
         except ValueError:
             names = ", ".join(m.value for m in LossAggregation)
-            raise ValueError(f"--model.loss_aggregation {loss_aggregation!r} is unknown; choose from {names}") from None
+            raise ConfigError(
+                f"--model.loss_aggregation {loss_aggregation!r} is unknown; choose from {names}"
+            ) from None
         if beta < 0:
-            raise ValueError(f"--model.beta must be >= 0, got {beta}")
+            raise ConfigError(f"--model.beta must be >= 0, got {beta}")
         if reference_dtype is not None:
             try:
                 resolve_dtype(reference_dtype)
             except ValueError as err:
-                raise ValueError(f"--model.reference_{err}") from None
+                raise ConfigError(f"--model.reference_{err}") from None
         if clip_eps <= 0 or (clip_eps_high is not None and clip_eps_high <= 0):
-            raise ValueError("--model.clip_eps and --model.clip_eps_high must be > 0")
+            raise ConfigError("--model.clip_eps and --model.clip_eps_high must be > 0")
         if temperature <= 0:
-            raise ValueError(f"--model.temperature must be > 0 (log-probs are taken at it), got {temperature}")
+            raise ConfigError(f"--model.temperature must be > 0 (log-probs are taken at it), got {temperature}")
         if tis_cap is not None and tis_cap < 1:
-            raise ValueError(f"--model.tis_cap must be >= 1 (or null to turn it off), got {tis_cap}")
+            raise ConfigError(f"--model.tis_cap must be >= 1 (or null to turn it off), got {tis_cap}")
         if micro_batch_tokens < 1:
-            raise ValueError(f"--model.micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
+            raise ConfigError(f"--model.micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
         # results_dir is where this run writes, not a property of the model: kept out of the checkpoint, because
         # LightningCLI re-applies a checkpoint's hyper-parameters over the command line on `test --ckpt_path`.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "results_dir"])
@@ -317,9 +320,9 @@ class MGRPOModule(TwoTurnEvaluation):
         sums: dict[str, float] = defaultdict(float)
         pad_id = int(self.tokenizer.pad_token_id)
         if hp.tis_cap is not None and batch.engine_logprobs is None:
-            raise ValueError("--model.tis_cap needs the engine's behaviour log-probs, but this rollout batch has none")
+            raise ConfigError("--model.tis_cap needs the engine's behaviour log-probs, but this rollout batch has none")
         if hp.beta > 0 and self.reference is None:
-            raise ValueError(
+            raise ConfigError(
                 f"--model.beta={hp.beta} > 0 needs the frozen reference model, but none is loaded (configure_model "
                 "loads it only when beta > 0); set --model.beta=0 to train without the KL term"
             )

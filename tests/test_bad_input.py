@@ -24,24 +24,22 @@ Cases tested elsewhere, not repeated here:
 from __future__ import annotations
 
 import ast
-import functools
 import inspect
 import json
 import logging
 import math
-import pickle
 import re
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
 from mgrpo_pl.algo.advantages import group_advantages
 from mgrpo_pl.algo.losses import LossAggregation
 from mgrpo_pl.cli import cli_main
 from mgrpo_pl.data.problems import DatasetError
+from mgrpo_pl.errors import CheckpointError
 from mgrpo_pl.modeling import loading
 from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.rewards import MathReward
@@ -118,17 +116,54 @@ def test_skipped_rows_are_counted_and_logged(tiny_model_path, tmp_path, caplog):
     assert "train.jsonl, line 4: invalid JSON" in caplog.text
 
 
+LONG_QUESTION = "What is " + " + ".join(["1"] * 900) + "?"  # ~2700 tokens; the tiny model's context is 2048
+
+
+def _has_trained(root: Path) -> bool:
+    return any("reward/layer1" in f.read_bytes().decode("latin1") for f in root.rglob("events.out.tfevents.*"))
+
+
 def test_eval_prompt_longer_than_the_context_names_problem_and_flag(tiny_model_path, tmp_path):
-    question = "What is " + " + ".join(["1"] * 900) + "?"  # ~2700 tokens; the tiny model's context is 2048
-    path = _jsonl(tmp_path / "long.jsonl", [GOOD, {"question": question, "answer": "900"}])
-    message = r"problem 'long:2' \(.*long\.jsonl:2\): \d+ prompt tokens \+ --data.rollout.eval_sampling.max_new_tokens"
-    with pytest.raises(ValueError, match=message):
+    path = _jsonl(tmp_path / "long.jsonl", [GOOD, {"question": LONG_QUESTION, "answer": "900"}])
+    message = (
+        r"long\.jsonl, line 2: problem 'long:2': \d+ prompt tokens \+ --data.rollout.eval_sampling.max_new_tokens=16 "
+        r"exceed the model's context of 2048 tokens"
+    )
+    with pytest.raises(DatasetError, match=message):
         _mgrpo(
             tiny_model_path,
             tmp_path,
             f"--data.val=[{{source: jsonl, name: long, options: {{path: {path}}}}}]",
             command="validate",
         )
+
+
+def test_training_prompt_longer_than_the_context_stops_before_the_first_step(tiny_model_path, tmp_path):
+    rows = [GOOD] * 3 + [{"question": LONG_QUESTION, "answer": "900"}] + [GOOD] * 2
+    path = _jsonl(tmp_path / "train.jsonl", rows)
+    message = r"train\.jsonl, line 4: problem 'train:4': \d+ prompt tokens \+ --data.rollout.sampling.max_new_tokens=16"
+    with pytest.raises(DatasetError, match=message + ".*add `on_error: skip` to the set's options"):
+        _mgrpo(tiny_model_path, tmp_path, "--data.train.source=jsonl", f"--data.train.options={{path: {path}}}")
+    assert not _has_trained(tmp_path)  # found when the loaders were built, not at the step that drew it
+
+
+def test_on_error_skip_drops_prompts_longer_than_the_context(tiny_model_path, tmp_path, caplog):
+    rows = [GOOD] * 3 + [{"question": LONG_QUESTION, "answer": "900"}] + [GOOD] * 2
+    path = _jsonl(tmp_path / "train.jsonl", rows)
+    options = json.dumps({"path": str(path), "on_error": "skip"})
+    flags = ["--data.train.source=jsonl", f"--data.train.options={options}", "--trainer.max_steps=1"]
+    with caplog.at_level(logging.WARNING, logger="mgrpo_pl.data.context"):
+        cli = _mgrpo(tiny_model_path, tmp_path, *flags, "--trainer.limit_val_batches=0")
+    assert [p.id for p in cli.datamodule._problems["train"][0]] == [
+        "train:1",
+        "train:2",
+        "train:3",
+        "train:5",
+        "train:6",
+    ]
+    assert "1 problem(s) longer than the context skipped: " in caplog.text
+    assert "train.jsonl, line 4: problem 'train:4'" in caplog.text
+    assert _has_trained(tmp_path)
 
 
 # -- contradictory or out-of-range settings, through `mgrpo fit` --------------------------------------------------
@@ -375,27 +410,14 @@ def test_a_checkpoint_that_runs_code_is_refused(tiny_model_path, tmp_path, monke
     torch.save({"state_dict": {}, "payload": _Payload(marker)}, ckpt)
     # Even when the environment asks torch to unpickle anything, `mgrpo` loads tensors and plain data only.
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(
+        CheckpointError, match=f"--ckpt_path {ckpt}: cannot read the checkpoint: Weights only load failed"
+    ):
         _mgrpo(tiny_model_path, tmp_path, f"--ckpt_path={ckpt}", command="test")
     assert not marker.exists()
     # The control: unpickled without weights_only, the same file does run its code.
     torch.load(ckpt, weights_only=False)
     assert marker.exists()
-
-
-@pytest.fixture
-def trainer_test_calls(monkeypatch):
-    """Replace ``Trainer.test`` (keeping its signature, which the CLI reads) by a recorder of its arguments."""
-    calls = []
-    real = Trainer.test
-
-    @functools.wraps(real)
-    def record(self, *args, **kwargs):
-        calls.append(kwargs)
-        return []
-
-    monkeypatch.setattr(Trainer, "test", record)
-    return calls
 
 
 def test_checkpoint_hparams_cannot_turn_on_remote_code(tiny_model_path, tmp_path, trainer_test_calls):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from mgrpo_pl.errors import ConfigError
+
 
 class NamedChoice(str, Enum):
     """Members are config names; ``parse`` turns a name into a member with an error that lists the valid ones."""
@@ -14,4 +16,4 @@ class NamedChoice(str, Enum):
             return cls(value)
         except ValueError:
             choices = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"Unknown {cls.__name__} {value!r}; valid names are {choices}.") from None
+            raise ConfigError(f"Unknown {cls.__name__} {value!r}; valid names are {choices}.") from None

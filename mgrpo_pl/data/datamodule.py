@@ -21,8 +21,10 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DataLoader
 
+from mgrpo_pl.data.context import fit_to_context
 from mgrpo_pl.data.problems import Problem, load_problems
 from mgrpo_pl.data.resumable import ResumableLoader, RngState
+from mgrpo_pl.errors import ConfigError
 from mgrpo_pl.rewards import MathReward
 from mgrpo_pl.rewards.base import Reward, RewardFunction
 from mgrpo_pl.rollout.config import RolloutConfig
@@ -54,7 +56,7 @@ class ProblemSet:
     def load(self) -> list[Problem]:
         problems = load_problems(self.source, **self.options)
         if not problems:
-            raise ValueError(f"problem set {self.label!r} ({self.source}, {self.options}) yielded no problems")
+            raise ConfigError(f"problem set {self.label!r} ({self.source}, {self.options}) yielded no problems")
         return problems
 
 
@@ -121,9 +123,9 @@ class MGRPODataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"--data.batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"--data.batch_size must be >= 1, got {batch_size}")
         if eval_batch_size < 1:
-            raise ValueError(f"--data.eval_batch_size must be >= 1, got {eval_batch_size}")
+            raise ConfigError(f"--data.eval_batch_size must be >= 1, got {eval_batch_size}")
         self.train_set = train or ProblemSet()
         self.val_sets = _as_list(val)
         self.test_sets = _as_list(test)
@@ -141,6 +143,7 @@ class MGRPODataModule(LightningDataModule):
         self.val_names = [s.label for s in self.val_sets]
         self.test_names = [s.label for s in self.test_sets]
         self._problems: dict[str, list[list[Problem]]] = {}
+        self._fitted: set[str] = set()
         self._pipeline: MGRPORollout | None = None
         self._fallback_engine: GenerationEngine | None = None
 
@@ -153,7 +156,7 @@ class MGRPODataModule(LightningDataModule):
         if stage == "test" and "test" not in self._problems:
             self._problems["test"] = [s.load() for s in self.test_sets]
             if not self.test_sets:
-                raise ValueError("`mgrpo test` needs at least one problem set in --data.test")
+                raise ConfigError("`mgrpo test` needs at least one problem set in --data.test")
 
     def _loader(self, problems: list[Problem], batch_size: int, shuffle: bool) -> DataLoader:
         # A private generator: creating the iterator draws a base seed, which must not come from the global RNG that
@@ -167,6 +170,29 @@ class MGRPODataModule(LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def _fit_to_context(self, split: str) -> list[list[Problem]]:
+        """The split's problem sets, each checked against the engine's context once, when its loader is first built:
+        after setup (the tokenizer and the engine exist), before any rollout."""
+        if split not in self._fitted:
+            sets = {"train": [self.train_set], "val": self.val_sets, "test": self.test_sets}[split]
+            c = self.rollout_config
+            sampling, flag = (c.sampling, "sampling") if split == "train" else (c.eval_sampling, "eval_sampling")
+            context, pipeline = self.engine().max_context, self.pipeline()
+            self._problems[split] = [
+                fit_to_context(
+                    problems,
+                    [len(ids) for ids in pipeline.encode(problems)] if context is not None else [0] * len(problems),
+                    sampling.max_new_tokens,
+                    context,
+                    flag=f"--data.rollout.{flag}.max_new_tokens",
+                    on_error=problem_set.options.get("on_error", "raise"),
+                    set_name=problem_set.label,
+                )
+                for problem_set, problems in zip(sets, self._problems.get(split, []))
+            ]
+            self._fitted.add(split)
+        return self._problems.get(split, [])
+
     def train_dataloader(self) -> DataLoader:
         # Each data-parallel rank reads (and generates rollouts for) its own shard of every global batch;
         # batch_size is per rank, as everywhere in Lightning.
@@ -175,7 +201,7 @@ class MGRPODataModule(LightningDataModule):
             kwargs = self.trainer.strategy.distributed_sampler_kwargs or {}
             shard = {"num_replicas": int(kwargs.get("num_replicas", 1)), "rank": int(kwargs.get("rank", 0))}
         self._train_loader = ResumableLoader(
-            self._problems["train"][0],
+            self._fit_to_context("train")[0],
             batch_size=self.batch_size,
             shuffle=self.shuffle,
             seed=self.seed,
@@ -186,10 +212,10 @@ class MGRPODataModule(LightningDataModule):
         return self._train_loader
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(p, self.eval_batch_size, False) for p in self._problems.get("val", [])]
+        return [self._loader(p, self.eval_batch_size, False) for p in self._fit_to_context("val")]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(p, self.eval_batch_size, False) for p in self._problems["test"]]
+        return [self._loader(p, self.eval_batch_size, False) for p in self._fit_to_context("test")]
 
     # -- rollouts ------------------------------------------------------------------------------------------------
     @property

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mgrpo_pl.errors import InputError
 from mgrpo_pl.rewards.answers import gsm8k_final_answer, last_boxed_content
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Problem:
     source: str = ""
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset file or row that cannot be used; the message names the file, the 1-based line and the field."""
 
     def __init__(self, path: str | Path, reason: str, *, line: int | None = None, field: str | None = None) -> None:
@@ -153,25 +154,35 @@ def _clip(text: str, width: int = 80) -> str:
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (1-based line or entry number, decoded value or a DatasetError for undecodable JSON)."""
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
+    """Yield (1-based line or entry number, decoded value or a DatasetError for an undecodable line)."""
+    data = path.read_bytes()
+    if not data.strip():
         raise DatasetError(path, "the file is empty")
-    if text.lstrip().startswith("["):
+    if data.lstrip().startswith(b"["):
         try:
-            entries = json.loads(text)
-        except json.JSONDecodeError as err:
+            entries = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as err:
             # A broken array cannot be resumed row by row, so this fails even with on_error="skip".
+            raise DatasetError(path, _not_utf8(err), line=data.count(b"\n", 0, err.start) + 1) from err
+        except json.JSONDecodeError as err:
             raise DatasetError(path, f"invalid JSON array: {err.msg}", line=err.lineno) from err
         yield from enumerate(entries, start=1)
         return
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    # Decoded line by line, so that one bad byte costs one row (skippable), not the file.
+    for line_no, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
             continue
         try:
-            yield line_no, json.loads(line)
+            yield line_no, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            yield line_no, DatasetError(path, _not_utf8(err), line=line_no)
         except json.JSONDecodeError as err:
             yield line_no, DatasetError(path, f"invalid JSON: {err.msg} (column {err.colno})", line=line_no)
+
+
+def _not_utf8(err: UnicodeDecodeError) -> str:
+    byte = err.object[err.start : err.start + 1].hex()
+    return f"not UTF-8 (byte 0x{byte}); re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
 
 
 def problems_from_rows(

@@ -48,6 +48,7 @@ from mgrpo_pl.data.loaders import (
     require_text,
     resolve_path,
 )
+from mgrpo_pl.errors import ConfigError
 
 __all__ = [
     "ANSWER_FORMATS",
@@ -321,14 +322,14 @@ def load_problems(source: str, *, subset_n: int | None = None, subset_seed: int 
     try:
         loader = LOADERS[source]
     except KeyError:
-        raise ValueError(f"unknown problem source {source!r}; known: {sorted(LOADERS)}") from None
+        raise ConfigError(f"unknown problem source {source!r}; known: {sorted(LOADERS)}") from None
     params = inspect.signature(loader).parameters
     named = {n: p for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     unknown = sorted(set(kwargs) - set(named))
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        raise ValueError(f"problem source {source!r} has no option(s) {unknown}; its options are {sorted(named)}")
+        raise ConfigError(f"problem source {source!r} has no option(s) {unknown}; its options are {sorted(named)}")
     missing = sorted(n for n, p in named.items() if p.default is p.empty and n not in kwargs)
     if missing:
-        raise ValueError(f"problem source {source!r} needs the option(s) {missing} in its options")
+        raise ConfigError(f"problem source {source!r} needs the option(s) {missing} in its options")
     problems = loader(**kwargs)
     return problems if subset_n is None else subset(problems, subset_n, subset_seed)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mgrpo_pl.algo.correction import DEFAULT_EVAL_GUIDE, DEFAULT_GUIDE_PHRASES, TURN2_SCORINGS
+from mgrpo_pl.errors import ConfigError
 from mgrpo_pl.rollout.types import SamplingConfig
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -91,49 +92,49 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"--data.rollout.num_generations (G) must be >= 2 for group-relative advantages, got "
                 f"{self.num_generations}"
             )
         if self.num_corrections < 1:
-            raise ValueError(f"--data.rollout.num_corrections (H) must be >= 1, got {self.num_corrections}")
+            raise ConfigError(f"--data.rollout.num_corrections (H) must be >= 1, got {self.num_corrections}")
         if self.reuse_probe and self.num_corrections < 2:
-            raise ValueError("--data.rollout.reuse_probe needs --data.rollout.num_corrections >= 2")
+            raise ConfigError("--data.rollout.reuse_probe needs --data.rollout.num_corrections >= 2")
         if self.max_kept_per_problem is not None and self.max_kept_per_problem < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"--data.rollout.max_kept_per_problem must be >= 1 (or null to keep every verified query), got "
                 f"{self.max_kept_per_problem}"
             )
         if self.layer2 and not self.guide_phrases:
-            raise ValueError("--data.rollout.guide_phrases is empty but layer 2 is on: give at least one phrase")
+            raise ConfigError("--data.rollout.guide_phrases is empty but layer 2 is on: give at least one phrase")
         if not self.guide_phrases and self.eval_guide is None:
-            raise ValueError(
+            raise ConfigError(
                 "--data.rollout.guide_phrases is empty and --data.rollout.eval_guide is not set: the turn-2 "
                 "evaluation draws its phrase from the pool, so give at least one phrase or set eval_guide"
             )
         blank = [i for i, phrase in enumerate(self.guide_phrases) if not phrase.strip()]
         if blank:
-            raise ValueError(f"--data.rollout.guide_phrases has blank phrases at positions {blank}")
+            raise ConfigError(f"--data.rollout.guide_phrases has blank phrases at positions {blank}")
         if self.eval_guide is not None and not self.eval_guide.strip():
-            raise ValueError("--data.rollout.eval_guide is blank: give the turn-2 phrase, or null to use the pool")
+            raise ConfigError("--data.rollout.eval_guide is blank: give the turn-2 phrase, or null to use the pool")
         if self.eval_turn2 == "new_turn" and self.eval_guide is None:
-            raise ValueError("--data.rollout.eval_turn2=new_turn needs --data.rollout.eval_guide (the user's prompt)")
+            raise ConfigError("--data.rollout.eval_turn2=new_turn needs --data.rollout.eval_guide (the user's prompt)")
         if self.eval_samples < 1:
-            raise ValueError(f"--data.rollout.eval_samples must be >= 1, got {self.eval_samples}")
+            raise ConfigError(f"--data.rollout.eval_samples must be >= 1, got {self.eval_samples}")
         if self.turn2_scoring not in TURN2_SCORINGS:
-            raise ValueError(
+            raise ConfigError(
                 f"--data.rollout.turn2_scoring must be one of {', '.join(TURN2_SCORINGS)}, got {self.turn2_scoring!r}"
             )
         if self.correction_sampling is not None and self.correction_sampling.temperature != self.sampling.temperature:
             # The module takes every layer's log-probs at one temperature (--model.temperature, linked from
             # sampling.temperature): layer 2 sampled at another would be trained against the wrong behaviour policy.
-            raise ValueError(
+            raise ConfigError(
                 f"--data.rollout.correction_sampling.temperature={self.correction_sampling.temperature} differs from "
                 f"--data.rollout.sampling.temperature={self.sampling.temperature}: log-probs of both layers are taken "
                 "at the one temperature of --model.temperature; set them equal"
             )
         if self.advantage_scaling not in ("group", "batch", "none"):
-            raise ValueError(
+            raise ConfigError(
                 f"--data.rollout.advantage_scaling must be group, batch or none, got {self.advantage_scaling!r}"
             )
         if self.sampling.greedy:
