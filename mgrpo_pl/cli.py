@@ -7,12 +7,19 @@ fully resolved configuration. The config is saved beside the logs of every run.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any
 
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.preemption import PreemptionCheckpoint
+from mgrpo_pl.cli_checkpoint import LIGHTNING_CKPT_NAMES, read_hparams, resolve
+from mgrpo_pl.cli_errors import EXIT_SIGTERM, MGRPOArgumentParser, debug_requested, fail
 from mgrpo_pl.data.datamodule import MGRPODataModule
+from mgrpo_pl.errors import InputError
 from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.strategies import require_gpu  # also registers --trainer.strategy=fsdp2
 
@@ -29,26 +36,45 @@ class MGRPOCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer") or {}
         require_gpu(trainer.get("strategy", "auto"), trainer.get("accelerator", "auto"))
-        # A checkpoint is data, not the user's configuration: its hyper-parameters may not switch on repository code.
-        model = self._model_config()
-        if model is not None and model.get("trust_remote_code") != self._trust_remote_code:
-            if model.get("trust_remote_code"):
-                warnings.warn(
-                    "--ckpt_path: the checkpoint's hyper-parameters set trust_remote_code=True; ignored, only the "
-                    "config or --model.trust_remote_code can turn it on",
-                    stacklevel=2,
-                )
-            model["trust_remote_code"] = self._trust_remote_code
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
-        # What the config and flags say, before LightningCLI merges in the hyper-parameters of a --ckpt_path file.
-        model = self._model_config()
-        self._trust_remote_code = bool(model.get("trust_remote_code", False)) if model is not None else False
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        # Every mgrpo run stops on SIGTERM/SIGUSR1 with a checkpoint to resume from, whatever callbacks a config lists.
+        if self.trainer is not None and not any(isinstance(c, PreemptionCheckpoint) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(PreemptionCheckpoint())
 
-    def _model_config(self) -> Any:
+    def _parse_ckpt_path(self) -> None:
+        """Merge a ``--ckpt_path`` file's model hyper-parameters by the rules of ``cli_checkpoint``, not over the
+        command line as LightningCLI does."""
         subcommand = self.config.get("subcommand")
-        return (self.config[subcommand] if subcommand else self.config).get("model")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        path = config.get("ckpt_path")
+        if not path or path in LIGHTNING_CKPT_NAMES:
+            return
+        saved = read_hparams(path, weights_only=config.get("weights_only") is not False)
+        if not saved:
+            return
+        given = config["model"].as_dict()
+        defaults = self._subcommand_parsers[subcommand].get_defaults()["model"].as_dict()
+        # A checkpoint is data, not the user's configuration: its hyper-parameters may not switch on repository code.
+        if saved.pop("trust_remote_code", False) and not given.get("trust_remote_code"):
+            warnings.warn(
+                "--ckpt_path: the checkpoint's hyper-parameters set trust_remote_code=True; ignored, only the "
+                "config or --model.trust_remote_code can turn it on",
+                stacklevel=2,
+            )
+        applied, restored, overridden = resolve(path, saved, given, defaults)
+        if restored:
+            rank_zero_info(f"--ckpt_path {path}: settings taken from the checkpoint: {', '.join(restored)}")
+        if overridden:
+            warnings.warn(
+                f"--ckpt_path {path}: the config or flags win over the checkpoint for {', '.join(overridden)}",
+                stacklevel=2,
+            )
+        if applied:
+            self.config = self.parser.parse_object({subcommand: {"model": applied}}, self.config)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -72,14 +98,31 @@ def cli_main(args: list[str] | None = None) -> MGRPOCLI:
         MGRPOModule,
         MGRPODataModule,
         save_config_kwargs={"overwrite": True},
+        parser_class=MGRPOArgumentParser,
         args=args,
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """The ``mgrpo`` console script. It returns None: the script passes the return value to ``sys.exit``, which would
-    print the CLI object and exit with status 1 after a successful run."""
-    cli_main()
+    print the CLI object and exit with status 1 after a successful run.
+
+    Bad input (``InputError``: data, settings, checkpoints) is printed as one message and exits with status 2;
+    ``--debug`` or ``MGRPO_DEBUG=1`` shows the traceback instead. A run stopped by SIGTERM (or SIGUSR1) exits with
+    143 after ``PreemptionCheckpoint`` saved where it stopped.
+    """
+    debug, args = debug_requested(sys.argv[1:] if argv is None else argv)
+    MGRPOArgumentParser.debug = debug
+    if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = args
+    try:
+        cli_main(None if argv is None else args)
+    except SIGTERMException:
+        raise SystemExit(EXIT_SIGTERM) from None
+    except InputError as err:
+        if debug:
+            raise
+        fail(str(err))
 
 
 if __name__ == "__main__":
