@@ -202,7 +202,10 @@ class RolloutCallback(Callback, RolloutSource):
         # The module steps its optimizer inside training_step (manual optimization), so the weights are new here.
         self.push(pl_module)
         if self.push_times:
-            pl_module.log("time/weight_push_s", self.push_times[-1], on_step=True, batch_size=1)
+            # The slowest rank's, like every logged wall time.
+            pl_module.log(
+                "time/weight_push_s", self.push_times[-1], on_step=True, batch_size=1, sync_dist=True, reduce_fx="max"
+            )
 
     @torch.no_grad()
     def push(self, pl_module: LightningModule) -> None:
