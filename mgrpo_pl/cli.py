@@ -23,9 +23,35 @@ from mgrpo_pl.errors import InputError
 from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.strategies import require_gpu  # also registers --trainer.strategy=fsdp2
 
+DESCRIPTION = (
+    "mgrpo: train language models to reason and to correct their own mistakes with MGRPO (multi-layer GRPO) on "
+    "PyTorch Lightning. `mgrpo <subcommand> --help` lists a subcommand's options."
+)
+SUBCOMMANDS = {
+    "fit": "Train with MGRPO (GRPO with --data.rollout.layer2=false), evaluating the sets under data.val.",
+    "validate": "Run the two-turn evaluation (Acc@t1, Acc@t2, delta, i->c, c->i) on the sets under data.val.",
+    "test": "Run the two-turn evaluation (Acc@t1, Acc@t2, delta, i->c, c->i) on the sets under data.test.",
+}
+
 
 class MGRPOCLI(LightningCLI):
     """LightningCLI with the links MGRPO needs between the data and the model settings."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No `predict`: the module has no predict step.
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        main_kwargs.setdefault("description", DESCRIPTION)
+        for name, text in SUBCOMMANDS.items():
+            subparser_kwargs.setdefault(name, {}).setdefault("description", text)
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # The listing's one-liners come from Trainer's docstrings (cut mid-sentence); say what mgrpo's do.
+        for choice in getattr(self.parser._subcommands_action, "_choices_actions", []) if add_subcommands else []:
+            choice.help = SUBCOMMANDS.get(choice.dest, choice.help)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Log-probs in the loss must be taken at the temperature the rollouts were sampled at.

@@ -139,3 +139,14 @@ def test_other_flags_win_over_the_checkpoint_with_a_warning(tiny_model_path, tmp
     torch.save(saved, tmp_path / "clip.ckpt")
     cli = cli_main([*args[:-1], f"--ckpt_path={tmp_path / 'clip.ckpt'}"])
     assert cli.model.hparams.clip_eps == 0.3 and json.dumps(cli.model.hparams.beta) == "0.001"
+
+
+def test_help_says_what_mgrpo_is_and_lists_its_own_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "mgrpo: train language models to reason and to correct their own mistakes" in out
+    assert "{fit,validate,test}" in out and "predict" not in out
+    assert "Lightning Trainer command line tool" not in out
+    listing = out[out.index("Available subcommands") :]
+    assert "on the sets under data.test." in " ".join(listing.split())  # whole sentences, not cut docstrings
