@@ -460,7 +460,6 @@ class MGRPOModule(TwoTurnEvaluation):
             values["train/tis_capped_frac"] = sums["tis_capped"] / tokens
         values.update({f"rollout/{k}" if "/" not in k else k: v for k, v in stats.items()})
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch.num_problems)
-        self.log("reward", stats.get("reward/layer1", 0.0), prog_bar=True, on_step=True, batch_size=batch.num_problems)
         if batch.correct_t2.numel():
             # The running metric keeps this rank's counts (summed over ranks when computed); the step's values are
             # those of the global batch.
@@ -472,13 +471,11 @@ class MGRPOModule(TwoTurnEvaluation):
                 on_epoch=False,
                 batch_size=batch.num_problems,
             )
-            self.log("acc_t1", step["acc_t1"], prog_bar=True, on_step=True, batch_size=batch.num_problems)
-            self.log("acc_t2", step["acc_t2"], prog_bar=True, on_step=True, batch_size=batch.num_problems)
-        else:
+        else:  # no turn 2 (layer 2 off): turn 1's accuracy only
             right = torch.tensor([float(batch.correct_t1.sum()), float(batch.correct_t1.numel())], device=self.device)
             right = reduce(right, "sum") if reduce is not None else right
             acc = right[0] / right[1].clamp_min(1)
-            self.log("acc_t1", acc, prog_bar=True, on_step=True, batch_size=batch.num_problems)
+            self.log("transitions/acc_t1", acc, on_step=True, batch_size=batch.num_problems)
         return loss
 
     def _global_transitions(self, batch: RolloutBatch, reduce: Reduce | None) -> dict[str, Tensor]:

@@ -56,6 +56,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from vllm import LLM, SamplingParams
@@ -64,6 +65,7 @@ from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.platforms import current_platform
 
+from mgrpo_pl.quiet import VERBOSE_ENV, verbose
 from mgrpo_pl.rollout.engine import GenerationEngine, end_token_ids
 from mgrpo_pl.rollout.types import Generation, SamplingConfig
 
@@ -324,6 +326,9 @@ class VLLMEngine(GenerationEngine):
             self.close()
             raise
         self.start_s = time.perf_counter() - start
+        if not verbose():
+            hidden = f"its known harmless messages are hidden ({VERBOSE_ENV}=1 shows them)"
+            rank_zero_info(f"vLLM engine ready in {self.start_s:.1f} s; {hidden}")
         self._checksum: float | None = None
         self.update_weights(_named_weights(model))
 
