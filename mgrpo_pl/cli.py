@@ -7,20 +7,24 @@ fully resolved configuration. The config is saved beside the logs of every run.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.preemption import PreemptionCheckpoint
 from mgrpo_pl.cli_checkpoint import LIGHTNING_CKPT_NAMES, read_hparams, resolve
+from mgrpo_pl.cli_defaults import default_callbacks, default_plugins
 from mgrpo_pl.cli_errors import EXIT_SIGTERM, MGRPOArgumentParser, debug_requested, fail
 from mgrpo_pl.data.datamodule import MGRPODataModule
 from mgrpo_pl.errors import InputError
 from mgrpo_pl.module import MGRPOModule
+from mgrpo_pl.quiet import quiet_libraries
 from mgrpo_pl.strategies import require_gpu  # also registers --trainer.strategy=fsdp2
 
 DESCRIPTION = (
@@ -63,11 +67,24 @@ class MGRPOCLI(LightningCLI):
         trainer = config.get("trainer") or {}
         require_gpu(trainer.get("strategy", "auto"), trainer.get("accelerator", "auto"))
 
-    def after_instantiate_classes(self) -> None:
-        super().after_instantiate_classes()
-        # Every mgrpo run stops on SIGTERM/SIGUSR1 with a checkpoint to resume from, whatever callbacks a config lists.
-        if self.trainer is not None and not any(isinstance(c, PreemptionCheckpoint) for c in self.trainer.callbacks):
-            self.trainer.callbacks.append(PreemptionCheckpoint())
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # What every mgrpo run gets (cli_defaults): preemption checkpoints, last.ckpt, flat memory, readable progress.
+        added = default_callbacks(config, [*(config.get("callbacks") or []), *callbacks])
+        config["plugins"] = default_plugins(config)
+        return super()._instantiate_trainer(config, [*callbacks, *added])
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A run that stops on the user's mistake (bad data found when the loaders are built, ...) before it wrote a
+        # checkpoint leaves no run folder behind: an empty version_N would shift the next run's number away from the
+        # paths the README and the user expect.
+        log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+        existed = log_dir is not None and log_dir.exists()
+        try:
+            super()._run_subcommand(subcommand)
+        except InputError:
+            if log_dir is not None and not existed and log_dir.is_dir() and not any(log_dir.rglob("*.ckpt")):
+                shutil.rmtree(log_dir, ignore_errors=True)
+            raise
 
     def _parse_ckpt_path(self) -> None:
         """Merge a ``--ckpt_path`` file's model hyper-parameters by the rules of ``cli_checkpoint``, not over the
@@ -120,6 +137,7 @@ def cli_main(args: list[str] | None = None) -> MGRPOCLI:
     """Entry point of the ``mgrpo`` console script; ``args`` replaces ``sys.argv`` (for tests and notebooks)."""
     # Tokenizers' Rust thread pool and forked reward workers do not mix; generation is not tokenizer-bound.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     return MGRPOCLI(
         MGRPOModule,
         MGRPODataModule,

@@ -84,14 +84,11 @@ def test_an_unknown_key_is_one_line_with_the_closest_valid_one(capsys, tmp_path,
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_path, tmp_path_factory):
-    """A checkpoint of a 1-step tiny run (model.beta 0.001)."""
+    """The last.ckpt of a 3-step tiny run (model.beta 0.001)."""
     root = tmp_path_factory.mktemp("trained")
-    main(
-        ["fit", "--config", str(REPO / "configs/tiny.yaml"), f"--model.model={tiny_model_path}",
-         f"--trainer.default_root_dir={root}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.filename=last"]
-    )  # fmt: skip
-    return next(root.rglob("last.ckpt"))
+    args = ["fit", "--config", str(REPO / "configs/tiny.yaml"), f"--model.model={tiny_model_path}"]
+    main([*args, f"--trainer.default_root_dir={root}", "--trainer.max_steps=3"])
+    return root / "lightning_logs/version_0/checkpoints/last.ckpt"
 
 
 def test_a_truncated_checkpoint_names_its_path(capsys, tiny_model_path, tmp_path, trained):
@@ -150,3 +147,15 @@ def test_help_says_what_mgrpo_is_and_lists_its_own_subcommands(capsys):
     assert "Lightning Trainer command line tool" not in out
     listing = out[out.index("Available subcommands") :]
     assert "on the sets under data.test." in " ".join(listing.split())  # whole sentences, not cut docstrings
+
+
+def test_a_run_stopped_by_bad_data_leaves_no_run_folder(capsys, tiny_model_path, tmp_path):
+    # Found when the loaders are built, after the logger chose version_0: the folder goes, so the next run is version_0.
+    path = tmp_path / "long.jsonl"
+    long = {"question": "What is " + " + ".join(["1"] * 900) + "?", "answer": "900"}
+    path.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n" + json.dumps(long) + "\n")
+    status, err = _mgrpo(
+        capsys, tiny_model_path, tmp_path, "--data.train.source=jsonl", f"--data.train.options={{path: {path}}}"
+    )
+    assert status == 2 and "exceed the model's context" in _errors(err)[0]
+    assert list((tmp_path / "lightning_logs").glob("version_*")) == []

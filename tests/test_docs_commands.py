@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mgrpo_pl.cli import cli_main
+from mgrpo_pl.cli import cli_main, main
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "configs").rglob("*.yaml"))]
@@ -64,3 +64,25 @@ def test_documented_tiny_command_runs(where, tiny_model_path, tmp_path):
         [*argv, f"--model.model={tiny_model_path}", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1"]
     )
     assert cli.trainer.global_step == 1
+
+
+def test_the_readme_flow_runs_in_order_on_the_tiny_config(mgrpo_cache_dir, tmp_path, monkeypatch, capsys):
+    """The README's main job, then its evaluation command on the checkpoint path it names, with configs/demo.yaml
+    and runs/demo swapped for the tiny ones (install aside): both exit 0, in a fresh folder, as a user runs them."""
+    readme = (REPO / "README.md").read_text()
+    main_job = re.search(r"bash scripts/install\.sh && (mgrpo fit [^\n]*)", readme).group(1)
+    evaluate = next(" ".join(["mgrpo", *a]) for a in COMMANDS.values() if a[:1] == ["test"] and "--ckpt_path" in a)
+    assert main_job == "mgrpo fit --config configs/demo.yaml", main_job
+    assert evaluate.endswith("--ckpt_path runs/demo/lightning_logs/version_0/checkpoints/last.ckpt"), evaluate
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    monkeypatch.setenv("MGRPO_CACHE", str(mgrpo_cache_dir))  # the tiny model, built once per test session
+    for command in (main_job, evaluate):
+        argv = shlex.split(command.replace("demo", "tiny"))[1:]
+        try:
+            main(argv)
+        except SystemExit as exit_info:
+            pytest.fail(f"`{command}` exited with {exit_info.code}: {capsys.readouterr().err[-2000:]}")
+    out = capsys.readouterr().out
+    assert "test/arith_test" in out  # the evaluation's table row
+    assert sorted(p.name for p in (tmp_path / "runs/tiny/lightning_logs").iterdir()) == ["version_0", "version_1"]
