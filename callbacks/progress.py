@@ -106,6 +106,27 @@ class MGRPOProgress(_Bar):
             self._tick = now
             self._print(step_line(trainer, self.running.values(pl_module), now - start))
 
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_validation_batch_end(trainer, pl_module, *args, **kwargs)
+        self._eval_line(trainer, "validation", *args, **kwargs)
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_test_batch_end(trainer, pl_module, *args, **kwargs)
+        self._eval_line(trainer, "test", *args, **kwargs)
+
+    def _eval_line(self, trainer: Trainer, stage: str, *args: Any, **kwargs: Any) -> None:
+        # args are Lightning's (outputs, batch, batch_idx[, dataloader_idx]).
+        if not self.lines or trainer.sanity_checking:
+            return
+        batch_idx = args[2] if len(args) > 2 else kwargs.get("batch_idx", 0)
+        loader = args[3] if len(args) > 3 else kwargs.get("dataloader_idx", 0)
+        short = "val" if stage == "validation" else stage
+        totals = getattr(trainer, f"num_{short}_batches", [])
+        names = getattr(trainer.datamodule, f"{short}_names", None) or []
+        name = names[loader] if loader < len(names) else str(loader)
+        total = f"/{int(totals[loader])}" if loader < len(totals) else ""
+        self._print(f"{stage} {name}: batch {batch_idx + 1}{total}")
+
     def _get_train_description(self, current_epoch: int) -> str:
         # Rich's "Epoch 0/-2" means nothing in a run bounded by max_steps.
         return "Training"

@@ -34,6 +34,8 @@ WARNINGS_HARMLESS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning on this torch version
     # Evaluation logs torchmetrics results that sum their counts over ranks themselves.
     r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level",
+    # `mgrpo test|validate --ckpt_path` writes to a new run folder; the training run's top-k bookkeeping is not used.
+    r"The dirpath has changed from",
 )
 # Lightning's INFO lines that advertise other products.
 LIGHTNING_HARMLESS = ("💡 Tip:",)
@@ -87,6 +89,10 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     _filter_handlers("lightning.pytorch", LIGHTNING_HARMLESS)
     logging.getLogger("torch._library.triton").setLevel(logging.ERROR)  # "Triton not available" on a CPU
+    # "Loading weights" bars: one per model load (policy, reference), a second each.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     if "VLLM_LOGGING_CONFIG_PATH" not in os.environ:  # a user's own vLLM logging config wins
         path = Path(tempfile.gettempdir()) / f"mgrpo_vllm_logging_{os.getpid()}.json"
         path.write_text(json.dumps(vllm_logging_config()))

@@ -42,8 +42,16 @@ def test_the_docs_have_commands():
     assert len(COMMANDS) >= 20, COMMANDS
 
 
+@pytest.fixture
+def readme_rewards(tmp_path, monkeypatch):
+    """The README's `my_rewards.py`, written out and importable, as its commands assume."""
+    code = re.search(r"```python\n(# my_rewards\.py.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    (tmp_path / "my_rewards.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
 @pytest.mark.parametrize("where", list(COMMANDS))
-def test_documented_command_parses(where, capsys):
+def test_documented_command_parses(where, capsys, readme_rewards):
     with pytest.raises(SystemExit) as exit_info:
         cli_main([*COMMANDS[where], "--print_config"])
     assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
@@ -86,3 +94,11 @@ def test_the_readme_flow_runs_in_order_on_the_tiny_config(mgrpo_cache_dir, tmp_p
     out = capsys.readouterr().out
     assert "test/arith_test" in out  # the evaluation's table row
     assert sorted(p.name for p in (tmp_path / "runs/tiny/lightning_logs").iterdir()) == ["version_0", "version_1"]
+
+
+def test_the_readme_reward_example_scores_as_it_says(readme_rewards):
+    """The README's `LastIntegerReward` runs as written: 1.0 for the right last integer only."""
+    from my_rewards import LastIntegerReward
+
+    texts = ["2 + 3 = 5", "I think 4, not 5, so 4", "no number"]
+    assert LastIntegerReward()(texts, ["5", "5", "5"]).tolist() == [1.0, 0.0, 0.0]

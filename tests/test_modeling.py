@@ -328,3 +328,18 @@ def test_smollm2_conversion(smollm2_path):
     answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "4" in answers[0], answers
     assert "Paris" in answers[1], answers
+
+
+def test_building_a_model_leaves_the_random_streams_alone(tmp_path):
+    # A first run builds the model into the cache; it must sample what a later run with the cache filled samples.
+    import random
+
+    from mgrpo_pl.modeling.loading import resolve_model_path
+
+    torch.manual_seed(0)
+    random.seed(0)
+    resolve_model_path("tiny", cache_dir=tmp_path)  # builds: the cache is empty
+    after_build = (torch.rand(3), random.random())
+    torch.manual_seed(0)
+    random.seed(0)
+    assert torch.equal(after_build[0], torch.rand(3)) and after_build[1] == random.random()

@@ -39,6 +39,7 @@ def test_one_line_per_step_with_the_running_means_of_the_summary_table(tiny_mode
     logged = scalars(tmp_path / "lightning_logs" / "version_0")
     assert float(lines[-1].group(2)) == pytest.approx(sum(logged["reward/layer1"].values()) / 3, abs=5e-4)
     assert int(lines[-1].group(5)) == int(logged["layer2/kept_queries"][2])
+    assert "validation arith_val: batch 1/1" in out.splitlines()  # evaluation shows progress too
 
 
 def test_known_vllm_warnings_are_dropped_and_others_kept():

@@ -11,6 +11,9 @@ Names understood on top of whatever transformers understands:
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +32,16 @@ DTYPES: dict[str, torch.dtype | str] = {
 }
 
 
+@contextmanager
+def _random_state_kept() -> Iterator[None]:
+    state = random.getstate()
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        random.setstate(state)
+
+
 def resolve_model_path(name_or_path: str | Path, cache_dir: str | Path | None = None) -> str:
     """Map a model name to something ``from_pretrained`` can open, building offline models on first use.
 
@@ -40,10 +53,14 @@ def resolve_model_path(name_or_path: str | Path, cache_dir: str | Path | None = 
         A folder path for the built-in names and existing folders, otherwise ``name_or_path`` unchanged.
     """
     name = str(name_or_path)
+    # Building draws from torch's RNG (module init before the weights are filled in): without a fork, a run that
+    # builds the model samples other rollouts than the same run with the model already cached.
     if name in TINY_VARIANTS:
-        return str(ensure_tiny_model(name, cache_dir=cache_dir))
+        with _random_state_kept():
+            return str(ensure_tiny_model(name, cache_dir=cache_dir))
     if name.lower() == SMOLLM2_NAME:
-        return str(ensure_smollm2(cache_dir=cache_dir))
+        with _random_state_kept():
+            return str(ensure_smollm2(cache_dir=cache_dir))
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
