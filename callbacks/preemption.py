@@ -55,7 +55,10 @@ class PreemptionCheckpoint(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         # Saved here, where a ModelCheckpoint saves too: Lightning's own stop comes after the end-of-step bookkeeping,
         # and a checkpoint taken there after an epoch's last step resumes one batch into the wrong epoch.
-        if trainer.received_sigterm and self.saved_path is None:
+        stop = trainer.received_sigterm
+        if trainer.world_size > 1:  # saving is collective: every rank saves if any was signalled
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and self.saved_path is None:
             self._save(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         fail(str(err))
+    finally:
+        MGRPOArgumentParser.debug = False  # per call: a later cli_main in the same process is not in debug mode
 
 
 if __name__ == "__main__":
