@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     """
     debug, args = debug_requested(sys.argv[1:] if argv is None else argv)
     MGRPOArgumentParser.debug = debug
+    # A console script's sys.path starts with its bin folder, not the working directory (as `python -m` would): put
+    # the working directory first so that a config's class_path can name the user's own module (my_rewards.MyReward).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = args
     try:

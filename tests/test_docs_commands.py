@@ -102,3 +102,20 @@ def test_the_readme_reward_example_scores_as_it_says(readme_rewards):
 
     texts = ["2 + 3 = 5", "I think 4, not 5, so 4", "no number"]
     assert LastIntegerReward()(texts, ["5", "5", "5"]).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_the_mgrpo_script_finds_a_reward_module_in_the_working_directory(tmp_path):
+    """`mgrpo` (the installed console script, whose sys.path starts with its bin folder) resolves the README's
+    `--data.reward=my_rewards.LastIntegerReward` from the folder it is run in, as the README says."""
+    import shutil
+    import subprocess
+
+    script = shutil.which("mgrpo")
+    if script is None:
+        pytest.skip("the mgrpo console script is not installed (pip install -e .)")
+    code = re.search(r"```python\n(# my_rewards\.py.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    (tmp_path / "my_rewards.py").write_text(code)
+    command = [script, "fit", "--config", str(REPO / "configs/demo.yaml"), "--data.reward=my_rewards.LastIntegerReward"]
+    done = subprocess.run([*command, "--print_config"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "class_path: my_rewards.LastIntegerReward" in done.stdout
