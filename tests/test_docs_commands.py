@@ -12,8 +12,15 @@ import pytest
 from mgrpo_pl.cli import cli_main, main
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "configs").rglob("*.yaml"))]
+SOURCES = [
+    REPO / "README.md",
+    *sorted((REPO / "docs").glob("*.md")),
+    *sorted((REPO / "configs").rglob("*.yaml")),
+    *sorted((REPO / "examples").rglob("*.md")),
+    *sorted((REPO / "examples").rglob("*.yaml")),
+]
 COMMAND = re.compile(r"\bmgrpo (?:fit|validate|test)\b[^`#\n]*")
+CD = re.compile(r"\bcd (\S+) && $")  # `cd examples/x && mgrpo ...`: the command runs in that folder
 
 
 def documented_commands() -> dict[str, list[str]]:
@@ -27,10 +34,15 @@ def documented_commands() -> dict[str, list[str]]:
                 while text.endswith("\\") and following < len(lines):
                     text = text[:-1] + " " + lines[following].split("#")[0].strip().lstrip("#").strip()
                     following += 1
-                found[f"{path.relative_to(REPO)}:{number}"] = shlex.split(text)[1:]
+                where = f"{path.relative_to(REPO)}:{number}"
+                found[where] = shlex.split(text)[1:]
+                folder = CD.search(line[: match.start()])
+                if folder:
+                    FOLDERS[where] = REPO / folder.group(1)
     return found
 
 
+FOLDERS: dict[str, Path] = {}  # where a command is run from, when not the repository root
 COMMANDS = documented_commands()
 
 
@@ -51,7 +63,10 @@ def readme_rewards(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("where", list(COMMANDS))
-def test_documented_command_parses(where, capsys, readme_rewards):
+def test_documented_command_parses(where, capsys, readme_rewards, monkeypatch):
+    if where in FOLDERS:  # run there, with its modules importable, as `mgrpo` (main) makes them
+        monkeypatch.chdir(FOLDERS[where])
+        monkeypatch.syspath_prepend(str(FOLDERS[where]))
     with pytest.raises(SystemExit) as exit_info:
         cli_main([*COMMANDS[where], "--print_config"])
     assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
