@@ -65,7 +65,7 @@ from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.platforms import current_platform
 
-from mgrpo_pl.quiet import VERBOSE_ENV, verbose
+from mgrpo_pl.quiet import VERBOSE_ENV, DropStarting, verbose
 from mgrpo_pl.rollout.engine import GenerationEngine, end_token_ids
 from mgrpo_pl.rollout.types import Generation, SamplingConfig
 
@@ -451,17 +451,6 @@ def _process_state_kept() -> Iterator[None]:
         torch.set_rng_state(rng[2])
 
 
-class _DropMessages(logging.Filter):
-    """Drops vLLM log records that are expected here and would only mislead (see ``_WARMUP_NOISE``)."""
-
-    def __init__(self, messages: tuple[str, ...]) -> None:
-        super().__init__()
-        self.messages = messages
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(record.getMessage().startswith(m) for m in self.messages)
-
-
 # skip_tokenizer_init (the engine only sees token ids) makes vLLM's chat-template warm-up fail with a traceback.
 _WARMUP_NOISE = ("vllm.renderers.base", ("Chat template warmup failed",))
 # Every push: rotary embeddings have no weights, and a tied LM head gets its weight through embed_tokens (then
@@ -475,7 +464,7 @@ _RELOAD_NOISE = (
 @contextlib.contextmanager
 def _quiet(noise: tuple[str, tuple[str, ...]]) -> Iterator[None]:
     logger = logging.getLogger(noise[0])
-    drop = _DropMessages(noise[1])
+    drop = DropStarting(noise[1])
     logger.addFilter(drop)
     try:
         yield
