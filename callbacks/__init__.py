@@ -2,11 +2,9 @@
 preemption checkpoint, the progress display and the memory release."""
 
 from callbacks.completions import CompletionsLogger
-from callbacks.memory import ReleaseFreeMemory
-from callbacks.preemption import PreemptionCheckpoint
-from callbacks.progress import MGRPOProgress
 from callbacks.rollout import RolloutCallback
 from callbacks.summary import MetricsSummary
+from mgrpo_pl.runtime import MGRPOProgress, PreemptionCheckpoint, ReleaseFreeMemory
 
 __all__ = [
     "CompletionsLogger",

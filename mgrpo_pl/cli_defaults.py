@@ -19,10 +19,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from callbacks.memory import ReleaseFreeMemory
-from callbacks.preemption import PreemptionCheckpoint
-from callbacks.progress import MGRPOProgress
-from mgrpo_pl.checkpoint_io import StreamingCheckpointIO
+from mgrpo_pl.runtime import MGRPOProgress, PreemptionCheckpoint, ReleaseFreeMemory, StreamingCheckpointIO
 
 SINGLE_FILE_STRATEGIES = ("auto", "ddp", "single_device")
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mgrpo_pl import checkpoint_io
-from mgrpo_pl.checkpoint_io import StreamingCheckpointIO
 from mgrpo_pl.cli import cli_main
+from mgrpo_pl.runtime import checkpoint_io
+from mgrpo_pl.runtime.checkpoint_io import StreamingCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 
