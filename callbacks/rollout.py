@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from mgrpo_pl.rollout.engine import GenerationEngine, build_engine, param_checksum
+from mgrpo_pl.rollout.engines import GenerationEngine, build_engine, param_checksum
 from mgrpo_pl.rollout.source import RolloutSource
 
 # Prefixes FSDP1 and activation checkpointing insert into parameter names; HF names never contain them.

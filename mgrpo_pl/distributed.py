@@ -203,3 +203,11 @@ def check_fsdp1_wrapping(root: object, policy: nn.Module) -> None:
             f"strategy's auto_wrap_policy, e.g. `auto_wrap_policy: [<decoder layer class>, {name}]` "
             "(configs/strategies/fsdp.yaml does), or use --trainer.strategy=fsdp2"
         )
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s forward runs collectives: FSDP2 (DTensor parameters), FSDP1 or DeepSpeed ZeRO-3."""
+    for module in model.modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            return True
+    return any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in model.parameters())

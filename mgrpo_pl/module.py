@@ -23,14 +23,12 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from mgrpo_pl.algo.losses import LossAggregation, aggregate, loss_stats, policy_loss, truncated_is_weights
-from mgrpo_pl.batching import MicroBatch, SharedPrefixMicroBatch, completion_mask_counts
 from mgrpo_pl.distributed import (
     ROLLOUT_STAT_NAMES,
     Reduce,
@@ -39,14 +37,15 @@ from mgrpo_pl.distributed import (
     global_normalisers,
     global_rollout_stats,
     global_sums,
+    is_sharded,
 )
 from mgrpo_pl.errors import ConfigError
 from mgrpo_pl.evaluation import TwoTurnEvaluation
+from mgrpo_pl.layouts import AnyMicroBatch, completion_logprobs, micro_batch_layout, shared_prefix_allowed
+from mgrpo_pl.layouts.padded import completion_mask_counts
 from mgrpo_pl.metrics import SelfCorrectionMetrics
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
 from mgrpo_pl.modeling.swiglu import patch_swiglu_mlps
-from mgrpo_pl.prefix_tree import ContinuedMicroBatch, completion_logprobs, micro_batch_layout
-from mgrpo_pl.rollout.engine import is_sharded
 from mgrpo_pl.rollout.types import RolloutBatch
 from mgrpo_pl.schedules import ScheduleName, warmup_schedule
 
@@ -71,22 +70,6 @@ def _zero_dropout(model: nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-
-
-# Precisions whose forwards run in full precision; under the others the shared-prefix layout is not used on CUDA.
-FULL_PRECISIONS = ("32-true", "32", "64-true", "64")
-
-
-def shared_prefix_allowed(hparams: Any, sharded: bool, device_type: str, precision: str) -> bool:
-    """Whether a step may use the shared-prefix layout (``collate_shared_prefix``) rather than the plain one."""
-    if not hparams.shared_prefix or hparams.gradient_checkpointing or sharded:
-        return False
-    # Measured on an H100 (bf16-mixed, 360M Qwen2, real MGRPO batches): the shared-prefix layout gave NaN gradients
-    # at the first step while the plain layout, and both layouts in fp32, stayed finite. scripts/gpu_check.py's
-    # layout check on synthetic batches passes, so the cause is not found yet; until it is, half precision on a
-    # GPU trains in the plain layout; so does a half-precision reference there (not measured; the same caution).
-    half_reference = getattr(hparams, "reference_dtype", None) in ("bfloat16", "float16")
-    return device_type != "cuda" or (precision in FULL_PRECISIONS and not half_reference)
 
 
 class MGRPOModule(TwoTurnEvaluation):
@@ -116,7 +99,7 @@ class MGRPOModule(TwoTurnEvaluation):
             autocast on a GPU (``shared_prefix_allowed``).
         prefix_tree: With ``shared_prefix``, pack each problem's layer-1 group with its layer-2 groups where the
             budget allows, and run a layer-2 group on top of the keys and values of the layer-1 row its query repeats
-            (``mgrpo_pl.prefix_tree``): the same loss and gradient, without recomputing ``q ⊕ o_i`` per kept query.
+            (``layouts.prefix_tree``): the same loss and gradient, without recomputing ``q ⊕ o_i`` per kept query.
         max_grad_norm: Gradient-norm clip; None disables it.
         tis_cap: Truncated importance sampling: weight each token's surrogate by ``min(pi_trainer / pi_engine,
             tis_cap)``, correcting for the generation engine's numerics (vLLM) differing from the trainer's. None
@@ -264,9 +247,7 @@ class MGRPOModule(TwoTurnEvaluation):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- log-probs -----------------------------------------------------------------------------------------------
-    def _completion_logprobs(
-        self, model: nn.Module, mb: MicroBatch | SharedPrefixMicroBatch | ContinuedMicroBatch
-    ) -> Tensor:
+    def _completion_logprobs(self, model: nn.Module, mb: AnyMicroBatch) -> Tensor:
         """[R, K] log-probs of the micro-batch's completion tokens (logits only where a completion token is
         predicted), aligned with ``mb.targets``."""
         return completion_logprobs(model, mb, temperature=self.hparams.temperature)

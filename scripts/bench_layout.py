@@ -78,7 +78,7 @@ def synthetic_batch(args: argparse.Namespace, vocab: int, eos: int) -> Any:
 
 
 def layout_shape(batch: Any, budget: int, layout: str, pad_id: int) -> tuple[int, int]:
-    from mgrpo_pl.prefix_tree import computed_tokens, micro_batch_layout
+    from mgrpo_pl.layouts import computed_tokens, micro_batch_layout
 
     shared, tree = SWITCHES[layout]
     plan, collate = micro_batch_layout(batch, budget, shared=shared, tree=tree)

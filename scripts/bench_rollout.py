@@ -86,9 +86,9 @@ def _train_pass(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from mgrpo_pl.method import encode_prompt
     from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_model_path
-    from mgrpo_pl.rollout.engine import TransformersEngine
-    from mgrpo_pl.rollout.pipeline import encode_prompt
+    from mgrpo_pl.rollout.engines import TransformersEngine
     from mgrpo_pl.rollout.types import SamplingConfig
 
     torch.set_num_threads(args.threads)
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["transformers"] = {"generate_s": hf_s, "tokens": hf_out.num_tokens}
 
     start = time.perf_counter()
-    from mgrpo_pl.rollout.vllm_engine import VLLMEngine
+    from mgrpo_pl.rollout.engines.vllm import VLLMEngine
 
     report["vllm_import_s"] = time.perf_counter() - start
     engine = VLLMEngine(policy, tokenizer, cpu_kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)

@@ -30,7 +30,7 @@ What differs unavoidably (implementation, not work):
   (``--micro-batch-tokens``, 1024 by default here: about two groups of ~530 computed tokens at the default
   settings). The budget trades speed for memory: 1024 met both the speed and the RSS target in one run, 2048 was
   about as fast with ~0.25 GiB more peak RSS, and at 640 (one group per pass, like TRL) the backward is ~15% slower
-  (its weight gradients reduce over fewer tokens); docs/benchmark/ has the runs.
+  (its weight gradients reduce over fewer tokens); docs/performance.md has the figures.
 - Gradient checkpointing: TRL's default (on) is kept; mgrpo_pl's default (off) is kept. Both are memory/speed knobs.
 - TRL computes per-token entropies for logging and pads prompts; mgrpo_pl records behaviour log-probs while sampling.
 - Advantage epsilon: TRL divides by ``std + 1e-4``, mgrpo_pl by ``std + 1e-6`` (no cost difference).
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def cpu_description() -> str:
     """The CPU's model name and the matrix instructions that set this benchmark's speed (float32 runs on AVX-512 or
     AVX2; bf16 on AVX-512 BF16 or AMX), and which linear kernels mgrpo_pl's transformers engine decodes with."""
-    from mgrpo_pl.rollout.row_linear import onednn_available
+    from mgrpo_pl.rollout.engines.cpu.row_linear import onednn_available
 
     name, flags = platform.processor() or platform.machine(), set()
     try:

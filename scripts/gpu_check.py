@@ -35,14 +35,15 @@ import mgrpo_pl.strategies  # noqa: E402, F401 - registers the "fsdp2" strategy 
 from callbacks import RolloutCallback  # noqa: E402
 from callbacks.rollout import policy_weights  # noqa: E402
 from mgrpo_pl.algo.logprobs import token_logprobs  # noqa: E402
-from mgrpo_pl.batching import collate_micro_batch, collate_shared_prefix, completion_logits  # noqa: E402
 from mgrpo_pl.data.datamodule import MGRPODataModule, ProblemSet  # noqa: E402
+from mgrpo_pl.layouts.padded import collate_micro_batch  # noqa: E402
+from mgrpo_pl.layouts.shared_prefix import collate_shared_prefix, completion_logits  # noqa: E402
 from mgrpo_pl.modeling import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
 from mgrpo_pl.module import MGRPOModule  # noqa: E402
 from mgrpo_pl.rewards import MathReward  # noqa: E402
 from mgrpo_pl.rollout.config import RolloutConfig  # noqa: E402
-from mgrpo_pl.rollout.decoding import sample_completions  # noqa: E402
-from mgrpo_pl.rollout.engine import end_token_ids, param_checksum  # noqa: E402
+from mgrpo_pl.rollout.engines import end_token_ids, param_checksum  # noqa: E402
+from mgrpo_pl.rollout.engines.cpu.decoding import sample_completions  # noqa: E402
 from mgrpo_pl.rollout.types import RolloutBatch, SamplingConfig  # noqa: E402
 
 # (name, precision, share_weights, strategy) of the training checks.

@@ -126,7 +126,7 @@ def test_test_from_a_checkpoint_generates_with_the_checkpoint_weights(fit_run, t
     import torch
 
     from callbacks.rollout import RolloutCallback, policy_weights
-    from mgrpo_pl.rollout.engine import param_checksum
+    from mgrpo_pl.rollout.engines import param_checksum
 
     ckpt = next((fit_run / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
     overlay = tmp_path / "copy_engine.yaml"

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from mgrpo_pl.method import encode_prompt
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
-from mgrpo_pl.rollout.decoding import _ReservedLayer, choose_tokens, sample_completions, sample_rows
-from mgrpo_pl.rollout.engine import end_token_ids
-from mgrpo_pl.rollout.pipeline import encode_prompt
+from mgrpo_pl.rollout.engines import end_token_ids
+from mgrpo_pl.rollout.engines.cpu.decoding import _ReservedLayer, choose_tokens, sample_completions, sample_rows
 from mgrpo_pl.rollout.types import SamplingConfig
 
 
@@ -143,7 +143,7 @@ def _warper_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tenso
     ],
 )
 def test_choose_tokens_samples_the_warpers_distribution(case):
-    from mgrpo_pl.rollout.decoding import NUCLEUS_CANDIDATES
+    from mgrpo_pl.rollout.engines.cpu.decoding import NUCLEUS_CANDIDATES
 
     vocab = NUCLEUS_CANDIDATES + 100
     gen = torch.Generator().manual_seed(1)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from mgrpo_pl.algo.logprobs import token_logprobs
+from mgrpo_pl.method import encode_prompt
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
-from mgrpo_pl.rollout.engine import TransformersEngine, build_engine, param_checksum
-from mgrpo_pl.rollout.pipeline import encode_prompt
+from mgrpo_pl.rollout.engines import TransformersEngine, build_engine, param_checksum
 from mgrpo_pl.rollout.types import SamplingConfig
 
 

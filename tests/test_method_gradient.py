@@ -33,10 +33,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mgrpo_pl.batching import MicroBatch, SharedPrefixMicroBatch
+from mgrpo_pl.layouts import ContinuedMicroBatch, MicroBatch, SharedPrefixMicroBatch, micro_batch_layout
 from mgrpo_pl.modeling.loading import load_causal_lm
 from mgrpo_pl.module import MGRPOModule
-from mgrpo_pl.prefix_tree import ContinuedMicroBatch, micro_batch_layout
 from mgrpo_pl.rollout.types import RolloutBatch
 
 BETA = 0.1

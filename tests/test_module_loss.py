@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mgrpo_pl.batching import collate_micro_batch
+from mgrpo_pl.layouts.padded import collate_micro_batch
 from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.rollout.types import RolloutBatch
 
@@ -167,7 +167,7 @@ def _grouped_batch(vocab, seed=0):
 @pytest.mark.parametrize("budget", [10_000, 60])
 def test_shared_prefix_training_gives_the_plain_gradient(module, budget):
     from mgrpo_pl.algo.losses import LossAggregation
-    from mgrpo_pl.batching import shared_prefix_plan
+    from mgrpo_pl.layouts.shared_prefix import shared_prefix_plan
 
     batch = _grouped_batch(len(module.tokenizer))
     assert shared_prefix_plan(batch, budget) is not None  # the prompts repeat, so sharing applies
@@ -193,7 +193,7 @@ def test_prefix_tree_training_gives_the_plain_gradient(module, budget):
     """Layer-2 queries built from layer-1 rows (the row less its last token, then a guide phrase): trained on top of
     those rows' caches, the loss and gradient are the plain layout's."""
     from mgrpo_pl.algo.losses import LossAggregation
-    from mgrpo_pl.prefix_tree import collate_prefix_tree, prefix_tree_plan
+    from mgrpo_pl.layouts.prefix_tree import collate_prefix_tree, prefix_tree_plan
 
     vocab = len(module.tokenizer)
     batch = _grouped_batch(vocab)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from mgrpo_pl.algo.packing import pack_by_token_budget
+from mgrpo_pl.layouts.packing import pack_by_token_budget
 
 
 def test_hand_example():
@@ -43,7 +43,7 @@ def _grpo_step(groups=4, g=8, prompt=33, completion=64):
 
 
 def test_balanced_spreads_a_grpo_step_over_the_same_passes():
-    from mgrpo_pl.algo.packing import balanced, pack_shared_prefix, shared_prefix_cost
+    from mgrpo_pl.layouts.packing import balanced, pack_shared_prefix, shared_prefix_cost
 
     ids, prefix, suffix = _grpo_step()
     cost = shared_prefix_cost(ids, prefix, suffix)
@@ -55,7 +55,7 @@ def test_balanced_spreads_a_grpo_step_over_the_same_passes():
 
 
 def test_balanced_keeps_a_single_pass_and_an_oversized_row():
-    from mgrpo_pl.algo.packing import balanced, padded_cost
+    from mgrpo_pl.layouts.packing import balanced, padded_cost
 
     lengths = [50, 3, 3]
     plan = balanced(lambda budget: pack_by_token_budget(lengths, budget), padded_cost(lengths), 10)
@@ -65,7 +65,7 @@ def test_balanced_keeps_a_single_pass_and_an_oversized_row():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_balanced_never_adds_passes_tokens_or_peak(seed):
-    from mgrpo_pl.algo.packing import balanced, pack_shared_prefix, padded_cost, shared_prefix_cost
+    from mgrpo_pl.layouts.packing import balanced, pack_shared_prefix, padded_cost, shared_prefix_cost
 
     rng = random.Random(seed)
     n = rng.randint(2, 120)
@@ -91,7 +91,7 @@ def test_balanced_never_adds_passes_tokens_or_peak(seed):
 def test_balanced_looks_past_a_budget_that_splits_a_group():
     """At 51 tokens this packer splits a group and computes 88 tokens against the greedy plan's 79; at 49 it needs
     two passes and 74 tokens, the larger 49. A bisection that took both for "too small" stopped at 64."""
-    from mgrpo_pl.algo.packing import balanced, pack_shared_prefix, shared_prefix_cost
+    from mgrpo_pl.layouts.packing import balanced, pack_shared_prefix, shared_prefix_cost
 
     ids, prefix, suffix = [0, 0, 1, 2], [8, 8, 4, 11], [5, 9, 11, 14]
     cost = shared_prefix_cost(ids, prefix, suffix)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from mgrpo_pl.data.problems import Problem
+from mgrpo_pl.method import MGRPORollout
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
 from mgrpo_pl.rewards import read_final_answer
 from mgrpo_pl.rollout.config import RolloutConfig
-from mgrpo_pl.rollout.engine import TransformersEngine
-from mgrpo_pl.rollout.pipeline import MGRPORollout
+from mgrpo_pl.rollout.engines import TransformersEngine
 from mgrpo_pl.rollout.types import SamplingConfig
 from plugin_rewards import NeverReward, ParityReward
 

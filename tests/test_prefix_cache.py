@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from mgrpo_pl.data.problems import Problem
+from mgrpo_pl.method import MGRPORollout
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
 from mgrpo_pl.rollout.config import RolloutConfig
-from mgrpo_pl.rollout.decoding import sample_completions
-from mgrpo_pl.rollout.engine import TransformersEngine
-from mgrpo_pl.rollout.pipeline import MGRPORollout
-from mgrpo_pl.rollout.prefix_cache import PrefixCache
+from mgrpo_pl.rollout.engines import TransformersEngine
+from mgrpo_pl.rollout.engines.cpu.decoding import sample_completions
+from mgrpo_pl.rollout.engines.cpu.prefix_cache import PrefixCache
 from mgrpo_pl.rollout.types import SamplingConfig
 from plugin_rewards import ParityReward
 

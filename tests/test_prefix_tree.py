@@ -8,18 +8,12 @@ import random
 import pytest
 import torch
 
-from mgrpo_pl.algo.packing import balanced, pack_prefix_trees, prefix_tree_cost
-from mgrpo_pl.batching import SharedPrefixMicroBatch, collate_micro_batch
+from mgrpo_pl.layouts import completion_logprobs, computed_tokens, micro_batch_layout
+from mgrpo_pl.layouts.packing import balanced, pack_prefix_trees, prefix_tree_cost
+from mgrpo_pl.layouts.padded import collate_micro_batch
+from mgrpo_pl.layouts.prefix_tree import ContinuedMicroBatch, collate_prefix_tree, find_parents, prefix_tree_plan
+from mgrpo_pl.layouts.shared_prefix import SharedPrefixMicroBatch
 from mgrpo_pl.modeling import load_causal_lm
-from mgrpo_pl.prefix_tree import (
-    ContinuedMicroBatch,
-    collate_prefix_tree,
-    completion_logprobs,
-    computed_tokens,
-    find_parents,
-    micro_batch_layout,
-    prefix_tree_plan,
-)
 from mgrpo_pl.rollout.types import RolloutBatch
 
 EOS = 2
@@ -220,8 +214,8 @@ def test_balanced_layouts_keep_the_budget_in_computed_tokens(shared, tree, budge
 
 
 def _tree_cost(batch):
-    from mgrpo_pl.algo.packing import prefix_tree_cost
-    from mgrpo_pl.batching import prompt_keys, split_lengths
+    from mgrpo_pl.layouts.packing import prefix_tree_cost
+    from mgrpo_pl.layouts.shared_prefix import prompt_keys, split_lengths
 
     plens = batch.prompt_lengths.tolist()
     parents, extra = [-1] * len(batch), [0] * len(batch)

@@ -20,11 +20,11 @@ import torch
 
 from mgrpo_pl.algo.advantages import group_advantages
 from mgrpo_pl.data.problems import Problem
+from mgrpo_pl.method import MGRPORollout
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
 from mgrpo_pl.rewards import Reward, read_final_answer
 from mgrpo_pl.rollout.config import RolloutConfig
-from mgrpo_pl.rollout.engine import TransformersEngine
-from mgrpo_pl.rollout.pipeline import MGRPORollout
+from mgrpo_pl.rollout.engines import TransformersEngine
 from mgrpo_pl.rollout.types import SamplingConfig
 
 # Gold answers of both parities and residues mod 3: shifting them by one problem changes the rewards.

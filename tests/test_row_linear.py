@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from mgrpo_pl.rollout import row_linear
-from mgrpo_pl.rollout.row_linear import MAX_ROWS, decode_linears, onednn_available
+from mgrpo_pl.rollout.engines.cpu import row_linear
+from mgrpo_pl.rollout.engines.cpu.row_linear import MAX_ROWS, decode_linears, onednn_available
 
 
 def weight_major(model: nn.Module):

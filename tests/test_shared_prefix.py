@@ -8,13 +8,9 @@ import pytest
 import torch
 
 from mgrpo_pl.algo.logprobs import token_logprobs
-from mgrpo_pl.algo.packing import pack_shared_prefix
-from mgrpo_pl.batching import (
-    collate_micro_batch,
-    collate_shared_prefix,
-    completion_logits,
-    shared_prefix_plan,
-)
+from mgrpo_pl.layouts.packing import pack_shared_prefix
+from mgrpo_pl.layouts.padded import collate_micro_batch
+from mgrpo_pl.layouts.shared_prefix import collate_shared_prefix, completion_logits, shared_prefix_plan
 from mgrpo_pl.modeling import load_causal_lm
 from mgrpo_pl.rollout.types import RolloutBatch
 

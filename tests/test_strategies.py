@@ -23,9 +23,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mgrpo_pl.cli import cli_main
 from mgrpo_pl.data.problems import Problem
 from mgrpo_pl.data.resumable import EpochSampler
+from mgrpo_pl.method import MGRPORollout
 from mgrpo_pl.rollout.config import RolloutConfig
-from mgrpo_pl.rollout.engine import TransformersEngine
-from mgrpo_pl.rollout.pipeline import MGRPORollout
+from mgrpo_pl.rollout.engines import TransformersEngine
 from mgrpo_pl.rollout.types import SamplingConfig
 from mgrpo_pl.strategies import gpu_requirement
 from plugin_rewards import ParityReward

@@ -10,7 +10,7 @@ from callbacks import RolloutCallback
 from mgrpo_pl.data.datamodule import MGRPODataModule, ProblemSet
 from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.rollout.config import RolloutConfig
-from mgrpo_pl.rollout.engine import param_checksum
+from mgrpo_pl.rollout.engines import param_checksum
 from mgrpo_pl.rollout.types import SamplingConfig
 from plugin_rewards import NeverReward, ParityReward
 
@@ -208,7 +208,7 @@ def test_bf16_engine_copy_of_an_fp32_policy_is_refreshed_every_step(tiny_model_p
 def test_shared_prefix_layout_decision():
     from types import SimpleNamespace
 
-    from mgrpo_pl.module import shared_prefix_allowed
+    from mgrpo_pl.layouts import shared_prefix_allowed
 
     on = SimpleNamespace(shared_prefix=True, gradient_checkpointing=False)
     assert shared_prefix_allowed(on, False, "cpu", "bf16-mixed")

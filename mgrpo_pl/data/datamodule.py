@@ -23,14 +23,15 @@ from torch.utils.data import DataLoader
 
 from mgrpo_pl.data.context import fit_to_context
 from mgrpo_pl.data.problems import Problem, load_problems
-from mgrpo_pl.data.resumable import ResumableLoader, RngState
+from mgrpo_pl.data.resumable import ResumableLoader
 from mgrpo_pl.errors import ConfigError
+from mgrpo_pl.method import MGRPORollout
 from mgrpo_pl.rewards import MathReward
 from mgrpo_pl.rewards.base import Reward, RewardFunction
 from mgrpo_pl.rollout.config import RolloutConfig
-from mgrpo_pl.rollout.engine import GenerationEngine, TransformersEngine
-from mgrpo_pl.rollout.pipeline import MGRPORollout
+from mgrpo_pl.rollout.engines import GenerationEngine, TransformersEngine
 from mgrpo_pl.rollout.source import RolloutSource
+from mgrpo_pl.runtime.rng import RngState
 
 log = logging.getLogger(__name__)
 

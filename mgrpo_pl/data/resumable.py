@@ -4,14 +4,13 @@ Lightning saves and restores the ``state_dict`` of any train loader that has one
 The loader counts the batches that were really used (the DataModule reports each one as it turns it into
 rollouts), not the ones the fetcher prefetched, so a checkpoint taken after step k resumes with batch k+1.
 
-Sampling in generation draws from the global torch RNG. ``RngState`` captures the generators that matter so the
-DataModule can restore them right before the first rollout after a resume: anything that runs in between (the
-loader's iterator, validation) then cannot shift the stream.
+The DataModule also checkpoints the random generators (``mgrpo_pl.runtime.rng.RngState``) and restores them right
+before the first rollout after a resume: anything that runs in between (the loader's iterator, validation) then
+cannot shift the stream.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,21 +130,3 @@ class ResumableLoader(DataLoader):
         self.used_in_epoch = int(state["used_in_epoch"])
         self.epoch_sampler.skip = self.used_in_epoch * int(self.batch_size or 1)
         self.epoch_sampler.skip_epoch = self._epoch_of_count
-
-
-class RngState:
-    """The random generators generation depends on: python, torch CPU and (when present) CUDA."""
-
-    @staticmethod
-    def capture() -> dict[str, Any]:
-        state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    @staticmethod
-    def restore(state: dict[str, Any]) -> None:
-        random.setstate(state["python"])
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])

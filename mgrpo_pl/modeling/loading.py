@@ -11,9 +11,6 @@ Names understood on top of whatever transformers understands:
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from mgrpo_pl.modeling.gguf_convert import SMOLLM2_NAME, ensure_smollm2
 from mgrpo_pl.modeling.tiny import TINY_VARIANTS, ensure_tiny_model
+from mgrpo_pl.runtime.rng import rng_kept
 
 __all__ = ["DTYPES", "load_causal_lm", "load_tokenizer", "resolve_dtype", "resolve_model_path"]
 
@@ -30,16 +28,6 @@ DTYPES: dict[str, torch.dtype | str] = {
     "float16": torch.float16,
     "auto": "auto",
 }
-
-
-@contextmanager
-def _random_state_kept() -> Iterator[None]:
-    state = random.getstate()
-    try:
-        with torch.random.fork_rng():
-            yield
-    finally:
-        random.setstate(state)
 
 
 def resolve_model_path(name_or_path: str | Path, cache_dir: str | Path | None = None) -> str:
@@ -56,10 +44,10 @@ def resolve_model_path(name_or_path: str | Path, cache_dir: str | Path | None = 
     # Building draws from torch's RNG (module init before the weights are filled in): without a fork, a run that
     # builds the model samples other rollouts than the same run with the model already cached.
     if name in TINY_VARIANTS:
-        with _random_state_kept():
+        with rng_kept():
             return str(ensure_tiny_model(name, cache_dir=cache_dir))
     if name.lower() == SMOLLM2_NAME:
-        with _random_state_kept():
+        with rng_kept():
             return str(ensure_smollm2(cache_dir=cache_dir))
     path = Path(name).expanduser()
     if path.is_dir():

@@ -32,7 +32,7 @@ class RolloutConfig:
             the guide-phrase generator, or per problem with ``seed_per_problem``); None (default) keeps every
             verified query, as the paper does. A compute bound: at a probe pass rate p a problem keeps about p*G
             queries and layer 2 samples and trains H for each, p*H times layer 1's G samples (2x at p = 1/2, H = 4;
-            docs/benchmark/); a cap c bounds that at c*H/G. The draw is uniform, so the kept data is an unbiased
+            docs/performance.md); a cap c bounds that at c*H/G. The draw is uniform, so the kept data is an unbiased
             sample of the paper's, with the same right/wrong-at-turn-1 mix in expectation.
         guide_phrases: The pool p_guide is drawn from; the paper's seven phrases by default. May be empty only
             when nothing draws from it (layer 2 off and a fixed ``eval_guide``).

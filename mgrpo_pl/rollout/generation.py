@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mgrpo_pl.rollout.engine import GenerationEngine
+from mgrpo_pl.rollout.engines.base import GenerationEngine
 from mgrpo_pl.rollout.types import Generation, SamplingConfig
 
 

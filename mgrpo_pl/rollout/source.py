@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from mgrpo_pl.rollout.engine import GenerationEngine
+from mgrpo_pl.rollout.engines.base import GenerationEngine
 
 
 class RolloutSource(ABC):
