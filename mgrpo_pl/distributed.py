@@ -211,3 +211,18 @@ def is_sharded(model: nn.Module) -> bool:
         if type(module).__name__ == "FullyShardedDataParallel":
             return True
     return any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def pad_micro_batches(
+    plan: list[list[int]], reduce: Reduce | None, sharded: bool, device: torch.device
+) -> list[list[int] | None]:
+    """The plan, padded with empty passes (None) to the busiest rank's count when forwards are collectives.
+
+    Sharded forwards (FSDP, ZeRO-3) all-gather inside every pass, so every rank must run as many micro-batches as
+    the busiest one; the others run passes whose rows are all masked out, which add nothing.
+    """
+    micro: list[list[int] | None] = list(plan)
+    if reduce is not None and sharded:
+        most = int(reduce(torch.tensor([len(micro)], device=device), "max").item())
+        micro += [None] * (most - len(micro))
+    return micro

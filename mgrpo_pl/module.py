@@ -21,14 +21,13 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from mgrpo_pl.algo.losses import LossAggregation, aggregate, loss_stats, policy_loss, truncated_is_weights
+from mgrpo_pl.algo.losses import LossAggregation
 from mgrpo_pl.distributed import (
     ROLLOUT_STAT_NAMES,
     Reduce,
@@ -38,16 +37,18 @@ from mgrpo_pl.distributed import (
     global_rollout_stats,
     global_sums,
     is_sharded,
+    pad_micro_batches,
 )
 from mgrpo_pl.errors import ConfigError
 from mgrpo_pl.evaluation import TwoTurnEvaluation
 from mgrpo_pl.layouts import AnyMicroBatch, completion_logprobs, micro_batch_layout, shared_prefix_allowed
-from mgrpo_pl.layouts.padded import completion_mask_counts
+from mgrpo_pl.method.loss import LossTerms, layer_counts, micro_batch_loss
 from mgrpo_pl.metrics import SelfCorrectionMetrics
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
 from mgrpo_pl.modeling.swiglu import patch_swiglu_mlps
 from mgrpo_pl.rollout.types import RolloutBatch
 from mgrpo_pl.schedules import ScheduleName, warmup_schedule
+from mgrpo_pl.step_stats import StepSums, step_values
 
 
 def _default_optimizer(params: object) -> torch.optim.Optimizer:
@@ -149,7 +150,7 @@ class MGRPOModule(TwoTurnEvaluation):
     ) -> None:
         super().__init__()
         try:
-            self.aggregation = LossAggregation(loss_aggregation)
+            LossAggregation(loss_aggregation)
         except ValueError:
             names = ", ".join(m.value for m in LossAggregation)
             raise ConfigError(
@@ -225,6 +226,19 @@ class MGRPOModule(TwoTurnEvaluation):
             fully_shard_models([self.policy, *self._reference], self._device_mesh)
 
     @property
+    def loss_terms(self) -> LossTerms:
+        """The loss settings as ``method.loss`` takes them (read from ``hparams`` at each step)."""
+        hp = self.hparams
+        return LossTerms(
+            layer_weights={1: 1.0, 2: hp.layer2_weight},
+            beta=hp.beta,
+            clip_eps=hp.clip_eps,
+            clip_eps_high=hp.clip_eps_high,
+            aggregation=LossAggregation(hp.loss_aggregation),
+            tis_cap=hp.tis_cap,
+        )
+
+    @property
     def reference(self) -> nn.Module | None:
         return self._reference[0] if self._reference else None
 
@@ -274,42 +288,30 @@ class MGRPOModule(TwoTurnEvaluation):
         return lambda tensor, op: strategy.reduce(tensor, reduce_op=op)
 
     def backward_batch(self, batch: RolloutBatch) -> tuple[dict[str, float], int]:
-        """Accumulate the gradient of ``L1 + layer2_weight * L2`` over token-budget micro-batches.
+        """Accumulate the gradient of ``Σ_k w_k · L_k`` (``method.loss``) over token-budget micro-batches.
 
-        Every micro-batch divides by the whole batch's per-layer counts, so the accumulated gradient equals the
-        full-batch gradient whatever the budget. Under data parallelism "the whole batch" is the global batch of all
-        ranks, and each rank's loss is scaled by the number of ranks to undo the strategy's gradient averaging (see
-        ``mgrpo_pl.distributed``). Returns this rank's summed statistics and its number of micro-batches.
+        Plan the micro-batches (``layouts``), then per micro-batch: log-probs of the reference and the policy, the
+        loss, backward. Every micro-batch divides by the whole batch's per-layer counts, so the accumulated gradient
+        equals the full-batch gradient whatever the budget. Under data parallelism "the whole batch" is the global
+        batch of all ranks, and each rank's loss is scaled by the number of ranks to undo the strategy's gradient
+        averaging (``mgrpo_pl.distributed``). Returns this rank's summed statistics and its number of micro-batches.
         """
         hp = self.hparams
+        self._check_batch(batch)
         reduce = self._reduce()
-        counts = completion_mask_counts(batch, hp.mask_truncated)
         # Dr. GRPO's normaliser must be one constant for the whole batch, not each micro-batch's width.
         norm_length = hp.norm_length or max(int(batch.completion_lengths.max()), 1)
+        counts = layer_counts(batch, hp.mask_truncated)
         counts, norm_length = global_normalisers(counts, norm_length, reduce, self.device)
         grad_scale = float(self.trainer.world_size) if reduce is not None else 1.0
-        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
-        shared = shared_prefix_allowed(hp, is_sharded(self.policy), self.device.type, precision)
+        shared = self._shared_prefix()
         plan, collate = micro_batch_layout(batch, hp.micro_batch_tokens, shared=shared, tree=hp.prefix_tree)
-        micro: list[list[int] | None] = list(plan)
-        if reduce is not None and is_sharded(self.policy):
-            # Sharded forwards are collectives: every rank runs as many micro-batches as the busiest one, the
-            # others padding with empty ones (None: a row whose mask is all False, so it adds nothing).
-            most = int(reduce(torch.tensor([len(micro)], device=self.device), "max").item())
-            micro += [None] * (most - len(micro))
-        weights = {1: 1.0, 2: hp.layer2_weight}
-        sums: dict[str, float] = defaultdict(float)
+        micro = pad_micro_batches(plan, reduce, is_sharded(self.policy), self.device)
+        step = StepSums()
         pad_id = int(self.tokenizer.pad_token_id)
-        if hp.tis_cap is not None and batch.engine_logprobs is None:
-            raise ConfigError("--model.tis_cap needs the engine's behaviour log-probs, but this rollout batch has none")
-        if hp.beta > 0 and self.reference is None:
-            raise ConfigError(
-                f"--model.beta={hp.beta} > 0 needs the frozen reference model, but none is loaded (configure_model "
-                "loads it only when beta > 0); set --model.beta=0 to train without the KL term"
-            )
         for i, rows in enumerate(micro):
             mb = collate(batch, rows if rows is not None else [0], pad_id, hp.mask_truncated)
-            if rows is None:
+            if rows is None:  # an empty pass: a row whose mask is all False adds nothing
                 mb = dataclasses.replace(mb, mask=torch.zeros_like(mb.mask))
             ref_logp = None
             if self.reference is not None:
@@ -318,56 +320,29 @@ class MGRPOModule(TwoTurnEvaluation):
                 with torch.no_grad():
                     ref_logp = self._completion_logprobs(self.reference, mb)
             logp = self._completion_logprobs(self.policy, mb)
-            is_weights = None
-            if hp.tis_cap is not None:
-                is_weights = truncated_is_weights(logp, mb.engine_logprobs, hp.tis_cap)
-            out = policy_loss(
-                logp,
-                logp.detach(),
-                mb.advantages,
-                ref_logp=ref_logp,
-                beta=hp.beta,
-                eps_low=hp.clip_eps,
-                eps_high=hp.clip_eps_high,
-                is_weights=is_weights,
-            )
-            # A zero still connected to the graph: backward must run even when no row of the whole batch is trained
-            # (every completion empty, or cut under mask_truncated); masked positions cannot leak a NaN into it.
-            loss = torch.where(mb.mask, logp, torch.zeros_like(logp)).sum() * 0.0
-            for layer, weight in weights.items():
-                num_seqs, num_tokens = counts[layer]
-                if num_seqs == 0:
-                    continue
-                layer_mask = mb.mask & (mb.layer == layer)[:, None]
-                part = aggregate(
-                    out.loss,
-                    layer_mask,
-                    self.aggregation,
-                    num_seqs=num_seqs,
-                    num_tokens=num_tokens,
-                    norm_length=norm_length,
-                )
-                sums[f"loss/layer{layer}"] += float(part.detach())
-                loss = loss + weight * part
-            if not torch.isfinite(loss):
+            result = micro_batch_loss(logp, ref_logp, mb, self.loss_terms, counts, norm_length)
+            if not torch.isfinite(result.loss):
                 raise FloatingPointError(
-                    f"non-finite loss {float(loss)} at global step {self.global_step} (micro-batch {i}); "
+                    f"non-finite loss {float(result.loss)} at global step {self.global_step} (micro-batch {i}); "
                     "the weights were not updated"
                 )
-            self._backward(loss * grad_scale, last=i == len(micro) - 1)
-            if rows is None:
-                continue
-            tokens = float(mb.mask.sum())
-            for key, value in loss_stats(out, mb.mask).items():
-                sums[key] += float(value) * tokens
-            if mb.engine_logprobs is not None and tokens:
-                gap = (logp.detach() - mb.engine_logprobs).abs()[mb.mask]
-                sums["engine_logprob_gap"] += float(gap.sum())
-            if is_weights is not None and tokens:
-                sums["tis_weight"] += float(is_weights[mb.mask].sum())
-                sums["tis_capped"] += float((is_weights[mb.mask] >= hp.tis_cap).sum())
-            sums["tokens"] += tokens
-        return sums, len(micro)
+            self._backward(result.loss * grad_scale, last=i == len(micro) - 1)
+            step.add(result, logp, mb, counted=rows is not None, tis_cap=hp.tis_cap)
+        return step.sums, len(micro)
+
+    def _check_batch(self, batch: RolloutBatch) -> None:
+        hp = self.hparams
+        if hp.tis_cap is not None and batch.engine_logprobs is None:
+            raise ConfigError("--model.tis_cap needs the engine's behaviour log-probs, but this rollout batch has none")
+        if hp.beta > 0 and self.reference is None:
+            raise ConfigError(
+                f"--model.beta={hp.beta} > 0 needs the frozen reference model, but none is loaded (configure_model "
+                "loads it only when beta > 0); set --model.beta=0 to train without the KL term"
+            )
+
+    def _shared_prefix(self) -> bool:
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        return shared_prefix_allowed(self.hparams, is_sharded(self.policy), self.device.type, precision)
 
     def _backward(self, loss: Tensor, last: bool) -> None:
         if self._trainer is None:  # used outside a Trainer (tests, notebooks)
@@ -417,28 +392,17 @@ class MGRPOModule(TwoTurnEvaluation):
             stats.update({k: v for k, v in batch.stats.items() if k not in ROLLOUT_STAT_NAMES})  # this rank's own
         else:
             stats = dict(batch.stats)
-        tokens = max(sums["tokens"], 1.0)
-        loss = sums["loss/layer1"] + self.hparams.layer2_weight * sums["loss/layer2"]
-        values = {
-            "train/loss": loss,
-            "train/loss_layer1": sums["loss/layer1"],
-            "train/loss_layer2": sums["loss/layer2"],
-            "train/kl": sums["kl_mean"] / tokens,
-            "train/clip_frac": sums["clip_frac"] / tokens,
-            "train/clip_frac_low": sums["clip_frac_low"] / tokens,
-            "train/clip_frac_high": sums["clip_frac_high"] / tokens,
-            "train/ratio": sums["ratio_mean"] / tokens,
-            "train/grad_norm": grad_norm,
-            "train/lr": self.optimizers().param_groups[0]["lr"],
-            "train/micro_batches": float(num_micro),
-            "train/trained_tokens": sums["tokens"],
-            "time/train_s": train_s,
-        }
-        if batch.engine_logprobs is not None:
-            values["train/engine_logprob_gap"] = sums["engine_logprob_gap"] / tokens
-        if self.hparams.tis_cap is not None:
-            values["train/tis_weight"] = sums["tis_weight"] / tokens
-            values["train/tis_capped_frac"] = sums["tis_capped"] / tokens
+        loss, values = step_values(
+            sums, self.loss_terms.layer_weights, batch.engine_logprobs is not None, self.hparams.tis_cap is not None
+        )
+        values.update(
+            {
+                "train/grad_norm": grad_norm,
+                "train/lr": self.optimizers().param_groups[0]["lr"],
+                "train/micro_batches": float(num_micro),
+                "time/train_s": train_s,
+            }
+        )
         values.update({f"rollout/{k}" if "/" not in k else k: v for k, v in stats.items()})
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch.num_problems)
         if batch.correct_t2.numel():

@@ -282,7 +282,7 @@ def module(tiny_model_path):
 
 def _backward(module, batch, mode, mask_truncated=False):
     """Run ``backward_batch``; return the total loss and whether every gradient is finite."""
-    module.aggregation = LossAggregation(mode)
+    module.hparams.loss_aggregation = mode
     module.hparams.mask_truncated = mask_truncated
     module.hparams.micro_batch_tokens = 24  # several micro-batches
     module.policy.zero_grad()

@@ -40,7 +40,7 @@ def module(tiny_model_path):
 def _grads(module, batch, budget, mode, mask_truncated=False):
     module.hparams.micro_batch_tokens = budget
     module.hparams.mask_truncated = mask_truncated
-    module.aggregation = mode
+    module.hparams.loss_aggregation = mode
     module.policy.zero_grad()
     sums, num_micro = module.backward_batch(batch)
     return {n: p.grad.clone() for n, p in module.policy.named_parameters()}, sums, num_micro

@@ -43,22 +43,6 @@ class MicroBatch:
     logits_to_keep: int
 
 
-def completion_mask_counts(batch: RolloutBatch, mask_truncated: bool) -> dict[int, tuple[float, float]]:
-    """Per layer: (sequences with >= 1 trained token, trained tokens) over the whole batch.
-
-    These are the global normalisers every micro-batch's aggregation divides by, so that the micro-batch
-    losses sum to the full-batch loss.
-    """
-    lengths = batch.completion_lengths
-    if mask_truncated:
-        lengths = lengths * (~batch.truncated.cpu()).long()
-    out = {}
-    for layer in (1, 2):
-        sel = batch.layer.cpu() == layer
-        out[layer] = (float((lengths[sel] > 0).sum()), float(lengths[sel].sum()))
-    return out
-
-
 def collate_micro_batch(batch: RolloutBatch, rows: list[int], pad_id: int, mask_truncated: bool) -> MicroBatch:
     """Left-pad the chosen sequences of ``batch`` into one ``MicroBatch`` (on the batch's device)."""
     seqs = [batch.sequences[i] for i in rows]
