@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -26,6 +27,9 @@ from mgrpo_pl.errors import InputError
 from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.quiet import quiet_libraries
 from mgrpo_pl.strategies import require_gpu  # also registers --trainer.strategy=fsdp2
+
+# The settings groups (mgrpo_pl.settings) document each field in an attribute docstring: make those the --help text.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 DESCRIPTION = (
     "mgrpo: train language models to reason and to correct their own mistakes with MGRPO (multi-layer GRPO) on "

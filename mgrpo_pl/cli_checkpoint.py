@@ -65,6 +65,7 @@ def resolve(
     Raises:
         CheckpointError: the command line names another model than the checkpoint's.
     """
+    saved, given, defaults = _flat(saved), _flat(given), _flat(defaults)
     applied: dict[str, Any] = {}
     restored: list[str] = []
     overridden: list[str] = []
@@ -82,4 +83,26 @@ def resolve(
             )
         else:
             overridden.append(f"model.{key}={mine!r} (the checkpoint has {value!r})")
-    return applied, restored, overridden
+    return _nested(applied), restored, overridden
+
+
+def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"loss": {"beta": 0.1}}`` as ``{"loss.beta": 0.1}``: a grouped setting is compared key by key."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *groups, name = key.split(".")
+        node = out
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[name] = value
+    return out

@@ -1,14 +1,12 @@
-"""``MGRPOModule``: the policy, its frozen reference, and both layers' GRPO losses.
+"""``MGRPOModule``: the policy, its frozen reference, and the step that trains them on a rollout batch.
 
 The training step receives a ``RolloutBatch`` (made by the DataModule from the live policy, after the previous
-optimizer step) and minimises ``L_layer1 + layer2_weight * L_layer2`` (paper Eq. 3 and Eq. 6), each layer's loss
-being the PPO-clipped surrogate with the k3 KL to the reference, aggregated by name (default: the paper's mean
-over a completion's tokens, then mean over completions).
+optimizer step) and minimises the layers' weighted sum of GRPO losses (``mgrpo_pl.method.loss``). Its settings come
+in three groups (``mgrpo_pl.settings``): the loss, how a step is computed, and the learning-rate schedule.
 
-Departures from the paper, all documented options: ``old_logp`` is the trainer's own detached log-prob, since every
-rollout batch gets exactly one optimizer step (so the ratio is 1 and clipping matters only with more steps per
-batch); the engine's behaviour log-probs are compared with it, as a logged mismatch, and with ``tis_cap`` set they
-re-weight each token's surrogate by the truncated importance ratio ``min(pi_trainer / pi_engine, tis_cap)``.
+``old_logp`` is the trainer's own detached log-prob, since every rollout batch gets exactly one optimizer step (so
+the ratio is 1 and clipping matters only with more steps per batch); the engine's behaviour log-probs are compared
+with it, as a logged mismatch, and with ``loss.tis_cap`` set they re-weight each token's surrogate.
 
 Optimisation is manual so that a step can run several micro-batches (packed by token budget) through backward
 before the single optimizer step, without Lightning's gradient accumulation (which would also re-run the
@@ -22,6 +20,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -44,10 +43,11 @@ from mgrpo_pl.evaluation import TwoTurnEvaluation
 from mgrpo_pl.layouts import AnyMicroBatch, completion_logprobs, micro_batch_layout, shared_prefix_allowed
 from mgrpo_pl.method.loss import LossTerms, layer_counts, micro_batch_loss
 from mgrpo_pl.metrics import SelfCorrectionMetrics
-from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
+from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from mgrpo_pl.modeling.swiglu import patch_swiglu_mlps
 from mgrpo_pl.rollout.types import RolloutBatch
-from mgrpo_pl.schedules import ScheduleName, warmup_schedule
+from mgrpo_pl.schedules import warmup_schedule
+from mgrpo_pl.settings import EfficiencySettings, LossSettings, OptimSettings, settings_of
 from mgrpo_pl.step_stats import StepSums, step_values
 
 
@@ -80,42 +80,14 @@ class MGRPOModule(TwoTurnEvaluation):
         model: A local folder, a hub id, or a built-in name (``tiny``, ``tiny-untied``, ``smollm2-135m-instruct``).
         dtype: Weights dtype: float32, bfloat16, float16 or auto.
         trust_remote_code: Allow model code from the checkpoint's repository (off unless you trust it).
-        beta: Weight of the k3 KL to the reference (paper: 0.001). 0 skips loading the reference at all.
-        reference_dtype: The frozen reference's weights dtype (float32, bfloat16, float16 or auto); None (default)
-            uses ``dtype``. ``bfloat16`` halves its memory and, on a CPU with AMX, its forward time, as verl keeps its
-            reference in bf16. Its log-probs then carry bf16 rounding (on the 30M benchmark model, 0.004 on average
-            against fp32, a k3 floor of 1.5e-5 nats per token), which enters only the ``beta``-weighted KL term.
-        clip_eps: PPO clip epsilon (lower side, and upper side unless ``clip_eps_high`` is set).
-        clip_eps_high: Upper clip epsilon ("clip-higher", DAPO); None uses ``clip_eps``.
-        layer2_weight: Weight of the layer-2 loss in the total.
-        loss_aggregation: seq-mean-token-mean (paper), token-mean (DAPO) or seq-mean-token-sum-norm (Dr. GRPO).
-        norm_length: The constant normaliser of seq-mean-token-sum-norm (defaults to the longest completion).
         temperature: Sampling temperature of the rollouts; log-probs are computed at it. Linked from
             ``data.rollout.sampling.temperature`` by the CLI.
-        micro_batch_tokens: Padded tokens per forward pass; bounds memory, not the batch.
-        shared_prefix: Run each distinct prompt (layer 1) or correction query (layer 2) once per micro-batch and
-            let the rows that continue it reuse its key/value cache: the same loss and gradient as one row per
-            sequence, without recomputing the G (or H) copies of the prefix. Off by itself under gradient
-            checkpointing and sharded strategies (FSDP, ZeRO-3), where no prompt repeats, and under half-precision
-            autocast on a GPU (``shared_prefix_allowed``).
-        prefix_tree: With ``shared_prefix``, pack each problem's layer-1 group with its layer-2 groups where the
-            budget allows, and run a layer-2 group on top of the keys and values of the layer-1 row its query repeats
-            (``layouts.prefix_tree``): the same loss and gradient, without recomputing ``q ⊕ o_i`` per kept query.
-        max_grad_norm: Gradient-norm clip; None disables it.
-        tis_cap: Truncated importance sampling: weight each token's surrogate by ``min(pi_trainer / pi_engine,
-            tis_cap)``, correcting for the generation engine's numerics (vLLM) differing from the trainer's. None
-            (default) leaves the loss unweighted; the mismatch is logged either way (``train/engine_logprob_gap``).
-        mask_truncated: Drop completions cut at the length limit from the loss (DAPO's overlong filtering).
-        gradient_checkpointing: Trade compute for memory in the policy's forward.
-        memory_efficient_mlp: Give the policy's SwiGLU MLPs (Llama, Qwen2/3, Mistral) a backward that keeps two of
-            the four intermediate-width tensors per token and recomputes the rest elementwise: the same gradient,
-            about a third less activation memory, no extra matmul (``mgrpo_pl.modeling.swiglu``).
         disable_dropout: Zero every dropout in the policy, so training log-probs match the engine's (as TRL does).
+        loss: The loss (``mgrpo_pl.settings.LossSettings``).
+        efficiency: How a step is computed: micro-batches, layouts, memory (``EfficiencySettings``).
+        optim: Learning-rate schedule and gradient clipping (``OptimSettings``).
         optimizer: Optimizer factory (YAML ``class_path``/``init_args``); AdamW lr 1e-6 by default.
-        lr_schedule: constant, linear or cosine decay after warm-up (paper: cosine).
-        warmup_ratio: Fraction of the run spent in linear warm-up (paper: 0.03).
-        min_lr_ratio: Final learning rate as a fraction of the initial one.
-        lr_scheduler: A custom scheduler factory; overrides ``lr_schedule`` when given.
+        lr_scheduler: A custom scheduler factory; overrides ``optim.lr_schedule`` when given.
         results_dir: Where evaluation writes per-problem JSONL; defaults to the logger's folder.
     """
 
@@ -124,56 +96,28 @@ class MGRPOModule(TwoTurnEvaluation):
         model: str = "tiny",
         dtype: str = "float32",
         trust_remote_code: bool = False,
-        beta: float = 0.001,
-        reference_dtype: str | None = None,
-        clip_eps: float = 0.2,
-        clip_eps_high: float | None = None,
-        layer2_weight: float = 1.0,
-        loss_aggregation: str = "seq-mean-token-mean",
-        norm_length: int | None = None,
         temperature: float = 1.0,
-        micro_batch_tokens: int = 8192,
-        shared_prefix: bool = True,
-        prefix_tree: bool = True,
-        max_grad_norm: float | None = 1.0,
-        tis_cap: float | None = None,
-        mask_truncated: bool = False,
-        gradient_checkpointing: bool = False,
-        memory_efficient_mlp: bool = True,
         disable_dropout: bool = True,
+        loss: LossSettings = LossSettings(),  # noqa: B008 - copied below; jsonargparse reads the defaults from it
+        efficiency: EfficiencySettings = EfficiencySettings(),  # noqa: B008
+        optim: OptimSettings = OptimSettings(),  # noqa: B008
         optimizer: OptimizerCallable = _default_optimizer,
-        lr_schedule: ScheduleName = "cosine",
-        warmup_ratio: float = 0.03,
-        min_lr_ratio: float = 0.0,
         lr_scheduler: LRSchedulerCallable | None = None,
         results_dir: str | None = None,
     ) -> None:
         super().__init__()
-        try:
-            LossAggregation(loss_aggregation)
-        except ValueError:
-            names = ", ".join(m.value for m in LossAggregation)
-            raise ConfigError(
-                f"--model.loss_aggregation {loss_aggregation!r} is unknown; choose from {names}"
-            ) from None
-        if beta < 0:
-            raise ConfigError(f"--model.beta must be >= 0, got {beta}")
-        if reference_dtype is not None:
-            try:
-                resolve_dtype(reference_dtype)
-            except ValueError as err:
-                raise ConfigError(f"--model.reference_{err}") from None
-        if clip_eps <= 0 or (clip_eps_high is not None and clip_eps_high <= 0):
-            raise ConfigError("--model.clip_eps and --model.clip_eps_high must be > 0")
         if temperature <= 0:
             raise ConfigError(f"--model.temperature must be > 0 (log-probs are taken at it), got {temperature}")
-        if tis_cap is not None and tis_cap < 1:
-            raise ConfigError(f"--model.tis_cap must be >= 1 (or null to turn it off), got {tis_cap}")
-        if micro_batch_tokens < 1:
-            raise ConfigError(f"--model.micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
-        # results_dir is where this run writes, not a property of the model: kept out of the checkpoint, because
-        # LightningCLI re-applies a checkpoint's hyper-parameters over the command line on `test --ckpt_path`.
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "results_dir"])
+        # Private copies: tests and notebooks change a module's settings in place, never a shared default.
+        self.loss_settings = settings_of(LossSettings, loss)
+        self.efficiency = settings_of(EfficiencySettings, efficiency)
+        self.optim = settings_of(OptimSettings, optim)
+        # Plain values only (the groups as dicts), so that a checkpoint loads with torch.load(weights_only=True).
+        # results_dir is where this run writes, not a property of the model: kept out of the checkpoint.
+        hparams = {"model": model, "dtype": dtype, "trust_remote_code": trust_remote_code}
+        hparams |= {"temperature": temperature, "disable_dropout": disable_dropout}
+        hparams |= {"loss": asdict(self.loss_settings), "efficiency": asdict(self.efficiency)}
+        self.save_hyperparameters(hparams | {"optim": asdict(self.optim)})
         self.automatic_optimization = False
         self.model_path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
@@ -206,12 +150,12 @@ class MGRPOModule(TwoTurnEvaluation):
         self.policy.train()
         if hp.disable_dropout:
             _zero_dropout(self.policy)
-        if hp.gradient_checkpointing:
+        if self.efficiency.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        if hp.memory_efficient_mlp:
+        if self.efficiency.memory_efficient_mlp:
             patch_swiglu_mlps(self.policy)
-        if hp.beta > 0:
-            dtype = hp.reference_dtype or hp.dtype
+        if self.loss_settings.beta > 0:
+            dtype = self.efficiency.reference_dtype or hp.dtype
             reference = load_causal_lm(self.model_path, dtype=dtype, trust_remote_code=hp.trust_remote_code)
             self._reference = [reference.eval().requires_grad_(False)]
 
@@ -227,15 +171,15 @@ class MGRPOModule(TwoTurnEvaluation):
 
     @property
     def loss_terms(self) -> LossTerms:
-        """The loss settings as ``method.loss`` takes them (read from ``hparams`` at each step)."""
-        hp = self.hparams
+        """The loss settings as ``method.loss`` takes them (read at each step)."""
+        loss = self.loss_settings
         return LossTerms(
-            layer_weights={1: 1.0, 2: hp.layer2_weight},
-            beta=hp.beta,
-            clip_eps=hp.clip_eps,
-            clip_eps_high=hp.clip_eps_high,
-            aggregation=LossAggregation(hp.loss_aggregation),
-            tis_cap=hp.tis_cap,
+            layer_weights={1: 1.0, 2: loss.layer2_weight},
+            beta=loss.beta,
+            clip_eps=loss.clip_eps,
+            clip_eps_high=loss.clip_eps_high,
+            aggregation=LossAggregation(loss.aggregation),
+            tis_cap=loss.tis_cap,
         )
 
     @property
@@ -254,10 +198,10 @@ class MGRPOModule(TwoTurnEvaluation):
         if self.lr_scheduler_factory is not None:
             scheduler = self.lr_scheduler_factory(optimizer)
         else:
-            hp = self.hparams
+            opt = self.optim
             total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
             total = int(total) if math.isfinite(total) else 1
-            scheduler = warmup_schedule(optimizer, hp.lr_schedule, total, hp.warmup_ratio, hp.min_lr_ratio)
+            scheduler = warmup_schedule(optimizer, opt.lr_schedule, total, opt.warmup_ratio, opt.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- log-probs -----------------------------------------------------------------------------------------------
@@ -296,21 +240,21 @@ class MGRPOModule(TwoTurnEvaluation):
         batch of all ranks, and each rank's loss is scaled by the number of ranks to undo the strategy's gradient
         averaging (``mgrpo_pl.distributed``). Returns this rank's summed statistics and its number of micro-batches.
         """
-        hp = self.hparams
+        loss, eff = self.loss_settings, self.efficiency
         self._check_batch(batch)
         reduce = self._reduce()
         # Dr. GRPO's normaliser must be one constant for the whole batch, not each micro-batch's width.
-        norm_length = hp.norm_length or max(int(batch.completion_lengths.max()), 1)
-        counts = layer_counts(batch, hp.mask_truncated)
+        norm_length = loss.norm_length or max(int(batch.completion_lengths.max()), 1)
+        counts = layer_counts(batch, loss.mask_truncated)
         counts, norm_length = global_normalisers(counts, norm_length, reduce, self.device)
         grad_scale = float(self.trainer.world_size) if reduce is not None else 1.0
         shared = self._shared_prefix()
-        plan, collate = micro_batch_layout(batch, hp.micro_batch_tokens, shared=shared, tree=hp.prefix_tree)
+        plan, collate = micro_batch_layout(batch, eff.micro_batch_tokens, shared=shared, tree=eff.prefix_tree)
         micro = pad_micro_batches(plan, reduce, is_sharded(self.policy), self.device)
         step = StepSums()
         pad_id = int(self.tokenizer.pad_token_id)
         for i, rows in enumerate(micro):
-            mb = collate(batch, rows if rows is not None else [0], pad_id, hp.mask_truncated)
+            mb = collate(batch, rows if rows is not None else [0], pad_id, loss.mask_truncated)
             if rows is None:  # an empty pass: a row whose mask is all False adds nothing
                 mb = dataclasses.replace(mb, mask=torch.zeros_like(mb.mask))
             ref_logp = None
@@ -327,22 +271,24 @@ class MGRPOModule(TwoTurnEvaluation):
                     "the weights were not updated"
                 )
             self._backward(result.loss * grad_scale, last=i == len(micro) - 1)
-            step.add(result, logp, mb, counted=rows is not None, tis_cap=hp.tis_cap)
+            step.add(result, logp, mb, counted=rows is not None, tis_cap=loss.tis_cap)
         return step.sums, len(micro)
 
     def _check_batch(self, batch: RolloutBatch) -> None:
-        hp = self.hparams
-        if hp.tis_cap is not None and batch.engine_logprobs is None:
-            raise ConfigError("--model.tis_cap needs the engine's behaviour log-probs, but this rollout batch has none")
-        if hp.beta > 0 and self.reference is None:
+        loss = self.loss_settings
+        if loss.tis_cap is not None and batch.engine_logprobs is None:
             raise ConfigError(
-                f"--model.beta={hp.beta} > 0 needs the frozen reference model, but none is loaded (configure_model "
-                "loads it only when beta > 0); set --model.beta=0 to train without the KL term"
+                "--model.loss.tis_cap needs the engine's behaviour log-probs, but this rollout batch has none"
+            )
+        if loss.beta > 0 and self.reference is None:
+            raise ConfigError(
+                f"--model.loss.beta={loss.beta} > 0 needs the frozen reference model, but none is loaded "
+                "(configure_model loads it only when beta > 0); set --model.loss.beta=0 to train without the KL term"
             )
 
     def _shared_prefix(self) -> bool:
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
-        return shared_prefix_allowed(self.hparams, is_sharded(self.policy), self.device.type, precision)
+        return shared_prefix_allowed(self.efficiency, is_sharded(self.policy), self.device.type, precision)
 
     def _backward(self, loss: Tensor, last: bool) -> None:
         if self._trainer is None:  # used outside a Trainer (tests, notebooks)
@@ -370,8 +316,8 @@ class MGRPOModule(TwoTurnEvaluation):
             raise FloatingPointError(
                 f"non-finite gradient norm {norm_value} at global step {self.global_step}; the weights were not updated"
             )
-        if self.hparams.max_grad_norm is not None and params:
-            torch.nn.utils.clip_grads_with_norm_(params, self.hparams.max_grad_norm, grad_norm)
+        if self.optim.max_grad_norm is not None and params:
+            torch.nn.utils.clip_grads_with_norm_(params, self.optim.max_grad_norm, grad_norm)
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -392,9 +338,8 @@ class MGRPOModule(TwoTurnEvaluation):
             stats.update({k: v for k, v in batch.stats.items() if k not in ROLLOUT_STAT_NAMES})  # this rank's own
         else:
             stats = dict(batch.stats)
-        loss, values = step_values(
-            sums, self.loss_terms.layer_weights, batch.engine_logprobs is not None, self.hparams.tis_cap is not None
-        )
+        tis = self.loss_settings.tis_cap is not None
+        loss, values = step_values(sums, self.loss_terms.layer_weights, batch.engine_logprobs is not None, tis)
         values.update(
             {
                 "train/grad_norm": grad_norm,

@@ -22,9 +22,9 @@ def warmup_schedule(
 ) -> LambdaLR:
     """Linear warm-up over ``warmup_ratio * total_steps`` steps, then ``name`` decay to ``min_lr_ratio * lr``."""
     if name not in ("constant", "linear", "cosine"):
-        raise ConfigError(f"--model.lr_schedule must be constant, linear or cosine, got {name!r}")
+        raise ConfigError(f"--model.optim.lr_schedule must be constant, linear or cosine, got {name!r}")
     if not 0.0 <= warmup_ratio < 1.0:
-        raise ConfigError(f"--model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        raise ConfigError(f"--model.optim.warmup_ratio must be in [0, 1), got {warmup_ratio}")
     total = max(int(total_steps), 1)
     warmup = int(math.ceil(warmup_ratio * total))
 

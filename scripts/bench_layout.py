@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LAYOUTS = ("padded", "shared", "tree")
-# (shared_prefix, prefix_tree) for each layout's MGRPOModule hparams
+# (shared_prefix, prefix_tree) for each layout's EfficiencySettings
 SWITCHES = {"padded": (False, False), "shared": (True, False), "tree": (True, True)}
 
 
@@ -89,11 +89,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench_runners import prepare_model
 
     from mgrpo_pl.module import MGRPOModule
+    from mgrpo_pl.settings import EfficiencySettings, LossSettings
 
     load_before = list(os.getloadavg())
     torch.set_num_threads(args.threads)
     module = MGRPOModule(
-        model=prepare_model(args.model, args.cache_dir), beta=args.beta, micro_batch_tokens=args.micro_batch_tokens
+        model=prepare_model(args.model, args.cache_dir),
+        loss=LossSettings(beta=args.beta),
+        efficiency=EfficiencySettings(micro_batch_tokens=args.micro_batch_tokens),
     )
     module.configure_model()
     tokenizer = module.tokenizer
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pad_id = int(tokenizer.pad_token_id)
 
     def backward(layout: str) -> tuple[float, dict[str, torch.Tensor]]:
-        module.hparams.shared_prefix, module.hparams.prefix_tree = SWITCHES[layout]
+        module.efficiency.shared_prefix, module.efficiency.prefix_tree = SWITCHES[layout]
         module.policy.zero_grad(set_to_none=False)
         start = time.perf_counter()
         module.backward_batch(batch)

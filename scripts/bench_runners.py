@@ -147,6 +147,7 @@ def run_mgrpo(args: argparse.Namespace, layer2: bool) -> dict[str, Any]:
     from mgrpo_pl.rewards import MathReward
     from mgrpo_pl.rollout.config import RolloutConfig
     from mgrpo_pl.rollout.types import SamplingConfig
+    from mgrpo_pl.settings import EfficiencySettings, LossSettings, OptimSettings
 
     class StepClock(Callback):
         def __init__(self) -> None:
@@ -187,21 +188,20 @@ def run_mgrpo(args: argparse.Namespace, layer2: bool) -> dict[str, Any]:
     )
     module = MGRPOModule(
         model=args.model_dir,
-        beta=args.beta,
-        reference_dtype=args.reference_dtype,
-        clip_eps=args.epsilon,
         temperature=args.temperature,
-        micro_batch_tokens=(
-            args.layer2_micro_batch_tokens if layer2 and args.layer2_micro_batch_tokens else args.micro_batch_tokens
+        loss=LossSettings(beta=args.beta, clip_eps=args.epsilon),
+        efficiency=EfficiencySettings(
+            micro_batch_tokens=(
+                args.layer2_micro_batch_tokens if layer2 and args.layer2_micro_batch_tokens else args.micro_batch_tokens
+            ),
+            gradient_checkpointing=args.mgrpo_checkpointing,
+            memory_efficient_mlp=not args.plain_mlp,
+            shared_prefix=not args.no_shared_prefix,
+            prefix_tree=not args.no_prefix_tree,
+            reference_dtype=args.reference_dtype,
         ),
-        max_grad_norm=1.0,
-        gradient_checkpointing=args.mgrpo_checkpointing,
-        memory_efficient_mlp=not args.plain_mlp,
-        shared_prefix=not args.no_shared_prefix,
-        prefix_tree=not args.no_prefix_tree,
+        optim=OptimSettings(lr_schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0),
         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0, fused=True),
-        lr_schedule="constant",
-        warmup_ratio=0.0,
     )
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature)
     data = MGRPODataModule(

@@ -45,6 +45,7 @@ from mgrpo_pl.rollout.config import RolloutConfig  # noqa: E402
 from mgrpo_pl.rollout.engines import end_token_ids, param_checksum  # noqa: E402
 from mgrpo_pl.rollout.engines.cpu.decoding import sample_completions  # noqa: E402
 from mgrpo_pl.rollout.types import RolloutBatch, SamplingConfig  # noqa: E402
+from mgrpo_pl.settings import EfficiencySettings, LossSettings, OptimSettings  # noqa: E402
 
 # (name, precision, share_weights, strategy) of the training checks.
 FITS = [
@@ -199,10 +200,10 @@ def check_fit(cache: str, name: str, precision: str, share: bool | None, strateg
     reward = MathReward(num_workers=1)
     module = MGRPOModule(
         model=resolve_model_path("tiny", cache),
-        beta=0.05,
-        micro_batch_tokens=512,
+        loss=LossSettings(beta=0.05),
+        efficiency=EfficiencySettings(micro_batch_tokens=512),
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
-        lr_schedule="constant",
+        optim=OptimSettings(lr_schedule="constant"),
     )
     data = MGRPODataModule(
         train=ProblemSet("arithmetic", options={"n": 16, "max_value": 9}),

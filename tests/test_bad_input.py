@@ -7,7 +7,7 @@ Cases tested elsewhere, not repeated here:
   row has, GSM8K answer without ``####``, no ``\\boxed{}``, empty answer, wrong types, duplicate ids, skipped rows
   counted in a ``SkipReport`` and a warning, a file with no usable row): ``tests/test_problems.py``;
 - G < 2 through the CLI: ``test_cli.py::test_contradictory_flag_names_the_flag``;
-- ``--model.beta`` < 0, ``--model.temperature`` 0 and ``--model.tis_cap`` < 1 in the constructor:
+- ``--model.loss.beta`` < 0, ``--model.temperature`` 0 and ``--model.loss.tis_cap`` < 1 in the constructor:
   ``test_module_loss.py::test_constructor_errors_name_the_flag`` and ``::test_tis_cap_below_one_names_the_flag``;
 - a training problem or a layer-2 query longer than the context:
   ``test_pipeline.py::test_prompt_longer_than_the_context_names_problem_and_flag`` and
@@ -44,6 +44,7 @@ from mgrpo_pl.modeling import loading
 from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.rewards import MathReward
 from mgrpo_pl.rollout.types import RolloutBatch
+from mgrpo_pl.settings import LossSettings
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = [m.value for m in LossAggregation]
@@ -191,8 +192,8 @@ BAD_FLAGS = {
         "--data.rollout.eval_guide is blank: give the turn-2 phrase, or null to use the pool",
     ),
     "unknown_loss_aggregation": (
-        ["--model.loss_aggregation=sum"],
-        "--model.loss_aggregation 'sum' is unknown; choose from seq-mean-token-mean, token-mean, "
+        ["--model.loss.aggregation=sum"],
+        "--model.loss.aggregation 'sum' is unknown; choose from seq-mean-token-mean, token-mean, "
         "seq-mean-token-sum-norm",
     ),
     "unknown_data_option": (
@@ -259,11 +260,13 @@ def _batch(comp_lens, layers, advantages, truncated=None, prompt_len=5, vocab=20
 
 
 def test_beta_without_a_loaded_reference_names_the_flag(tiny_model_path):
-    module = MGRPOModule(model=str(tiny_model_path), beta=0.0)
+    module = MGRPOModule(model=str(tiny_model_path), loss=LossSettings(beta=0.0))
     module.configure_model()
     assert module.reference is None  # beta = 0 never loads it
-    module.hparams.beta = 0.01  # a setting changed after setup: the module must not train without the KL it asks for
-    with pytest.raises(ValueError, match=re.escape("--model.beta=0.01 > 0 needs the frozen reference model")):
+    module.loss_settings.beta = (
+        0.01  # a setting changed after setup: the module must not train without the KL it asks for
+    )
+    with pytest.raises(ValueError, match=re.escape("--model.loss.beta=0.01 > 0 needs the frozen reference model")):
         module.backward_batch(_batch([3, 4, 2, 5], [1] * 4, [1.0, -1.0, 0.5, -0.5]))
 
 
@@ -272,7 +275,7 @@ def test_beta_without_a_loaded_reference_names_the_flag(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def module(tiny_model_path):
-    m = MGRPOModule(model=str(tiny_model_path), beta=0.1)
+    m = MGRPOModule(model=str(tiny_model_path), loss=LossSettings(beta=0.1))
     m.configure_model()
     with torch.no_grad():  # policy != reference, so the KL term is live
         for p in m.policy.parameters():
@@ -282,15 +285,15 @@ def module(tiny_model_path):
 
 def _backward(module, batch, mode, mask_truncated=False):
     """Run ``backward_batch``; return the total loss and whether every gradient is finite."""
-    module.hparams.loss_aggregation = mode
-    module.hparams.mask_truncated = mask_truncated
-    module.hparams.micro_batch_tokens = 24  # several micro-batches
+    module.loss_settings.aggregation = mode
+    module.loss_settings.mask_truncated = mask_truncated
+    module.efficiency.micro_batch_tokens = 24  # several micro-batches
     module.policy.zero_grad()
     try:
         sums, _ = module.backward_batch(batch)
     finally:
-        module.hparams.mask_truncated = False
-    loss = sums["loss/layer1"] + module.hparams.layer2_weight * sums["loss/layer2"]
+        module.loss_settings.mask_truncated = False
+    loss = sums["loss/layer1"] + module.loss_settings.layer2_weight * sums["loss/layer2"]
     grads = [p.grad for p in module.policy.parameters()]
     assert all(g is not None for g in grads)
     return loss, sums, all(bool(torch.isfinite(g).all()) for g in grads)
@@ -341,7 +344,7 @@ def test_every_completion_truncated_in_a_real_run(tiny_model_path, tmp_path):
     cli = _mgrpo(
         tiny_model_path,
         tmp_path,
-        "--model.mask_truncated=true",
+        "--model.loss.mask_truncated=true",
         "--data.reward=plugin_rewards.ParityReward",
         "--trainer.max_steps=1",
         "--trainer.limit_val_batches=0",
@@ -381,7 +384,7 @@ def test_trust_remote_code_is_off_unless_asked(tiny_model_path, monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(getattr(loading, auto), "from_pretrained", spy)
-    module = MGRPOModule(model=str(tiny_model_path), beta=0.1)
+    module = MGRPOModule(model=str(tiny_model_path), loss=LossSettings(beta=0.1))
     module.configure_model()
     # tokenizer, policy, reference: every load said no to repository code
     assert calls == [("AutoTokenizer", False), ("AutoModelForCausalLM", False), ("AutoModelForCausalLM", False)]

@@ -62,8 +62,8 @@ def test_a_setting_error_is_one_line_and_debug_shows_the_traceback(capsys, tiny_
 @pytest.mark.parametrize(
     "where, wrong, right",
     [
-        ("yaml", "bta", "model.beta"),
-        ("flag", "bta", "model.beta"),
+        ("yaml", "bta", "model.loss.beta"),
+        ("flag", "bta", "model.loss.beta"),
         ("flag", "num_corections", "data.rollout.num_corrections"),
     ],
 )
@@ -84,7 +84,7 @@ def test_an_unknown_key_is_one_line_with_the_closest_valid_one(capsys, tmp_path,
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_path, tmp_path_factory):
-    """The last.ckpt of a 3-step tiny run (model.beta 0.001)."""
+    """The last.ckpt of a 3-step tiny run (model.loss.beta 0.001)."""
     root = tmp_path_factory.mktemp("trained")
     args = ["fit", "--config", str(REPO / "configs/tiny.yaml"), f"--model.model={tiny_model_path}"]
     main([*args, f"--trainer.default_root_dir={root}", "--trainer.max_steps=3"])
@@ -126,16 +126,16 @@ def test_other_flags_win_over_the_checkpoint_with_a_warning(tiny_model_path, tmp
             f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={trained}"]  # fmt: skip
     with pytest.warns(
         UserWarning,
-        match=r"the config or flags win over the checkpoint for model.beta=0.5 \(the checkpoint has 0.001\)",
+        match=r"the config or flags win over the checkpoint for model.loss.beta=0.5 \(the checkpoint has 0.001\)",
     ):
-        cli = cli_main([*args, "--model.beta=0.5"])
-    assert cli.model.hparams.beta == 0.5
+        cli = cli_main([*args, "--model.loss.beta=0.5"])
+    assert cli.model.loss_settings.beta == 0.5
     # A setting left at its default takes the checkpoint's value (how `test --ckpt_path` rebuilds the trained model).
     saved = torch.load(trained, weights_only=True)
-    saved["hyper_parameters"]["clip_eps"] = 0.3
+    saved["hyper_parameters"]["loss"]["clip_eps"] = 0.3
     torch.save(saved, tmp_path / "clip.ckpt")
     cli = cli_main([*args[:-1], f"--ckpt_path={tmp_path / 'clip.ckpt'}"])
-    assert cli.model.hparams.clip_eps == 0.3 and json.dumps(cli.model.hparams.beta) == "0.001"
+    assert cli.model.loss_settings.clip_eps == 0.3 and json.dumps(cli.model.loss_settings.beta) == "0.001"
 
 
 def test_help_says_what_mgrpo_is_and_lists_its_own_subcommands(capsys):

@@ -37,6 +37,7 @@ from mgrpo_pl.layouts import ContinuedMicroBatch, MicroBatch, SharedPrefixMicroB
 from mgrpo_pl.modeling.loading import load_causal_lm
 from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.rollout.types import RolloutBatch
+from mgrpo_pl.settings import LossSettings, OptimSettings
 
 BETA = 0.1
 LAYER2_WEIGHT = 0.5
@@ -144,10 +145,8 @@ def _paper_loss(
 def module(tiny_model_path) -> MGRPOModule:
     m = MGRPOModule(
         model=str(tiny_model_path),
-        beta=BETA,
-        layer2_weight=LAYER2_WEIGHT,
         temperature=TEMPERATURE,
-        clip_eps=CLIP_EPS,
+        loss=LossSettings(beta=BETA, layer2_weight=LAYER2_WEIGHT, clip_eps=CLIP_EPS),
     )
     m.configure_model()
     g = torch.Generator().manual_seed(7)
@@ -192,15 +191,15 @@ def test_step_gradient_is_the_paper_objectives(module, plain_policy, layout, tis
         engine = batch.engine_logprobs = _engine_logprobs(behaviour)
 
     # The module's step, as training_step runs it (without the optimizer).
-    hp = module.hparams
-    saved = (hp.shared_prefix, hp.prefix_tree, hp.micro_batch_tokens, hp.tis_cap)
+    eff, loss = module.efficiency, module.loss_settings
+    saved = (eff.shared_prefix, eff.prefix_tree, eff.micro_batch_tokens, loss.tis_cap)
     try:
-        hp.shared_prefix, hp.prefix_tree, hp.micro_batch_tokens = shared, tree, budget
-        hp.tis_cap = TIS_CAP if tis else None
+        eff.shared_prefix, eff.prefix_tree, eff.micro_batch_tokens = shared, tree, budget
+        loss.tis_cap = TIS_CAP if tis else None
         module.policy.zero_grad(set_to_none=True)
         sums, num_micro = module.backward_batch(batch)
     finally:
-        hp.shared_prefix, hp.prefix_tree, hp.micro_batch_tokens, hp.tis_cap = saved
+        eff.shared_prefix, eff.prefix_tree, eff.micro_batch_tokens, loss.tis_cap = saved
     assert (num_micro > 1) == (budget < 1000)
     if tis:
         assert 0 < sums["tis_capped"] < sums["tokens"]  # some weights capped, some not: both branches are exercised
@@ -277,12 +276,10 @@ def test_one_trainer_step_moves_log_probs_with_the_advantage_sign(tiny_model_pat
 
     module = MGRPOModule(
         model=str(tiny_model_path),
-        beta=0.0,
         temperature=TEMPERATURE,
+        loss=LossSettings(beta=0.0),
         optimizer=lambda params: torch.optim.SGD(params, lr=1e-2),
-        lr_schedule="constant",
-        warmup_ratio=0.0,
-        max_grad_norm=None,
+        optim=OptimSettings(lr_schedule="constant", warmup_ratio=0.0, max_grad_norm=None),
     )
     module.configure_model()
     batch = _direction_batch(len(module.tokenizer), seed=0)

@@ -6,6 +6,7 @@ import torch
 from mgrpo_pl.layouts.padded import collate_micro_batch
 from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.rollout.types import RolloutBatch
+from mgrpo_pl.settings import LossSettings
 
 
 def _batch(vocab, seed=0):
@@ -29,7 +30,7 @@ def _batch(vocab, seed=0):
 
 @pytest.fixture(scope="module")
 def module(tiny_model_path):
-    m = MGRPOModule(model=str(tiny_model_path), beta=0.1)
+    m = MGRPOModule(model=str(tiny_model_path), loss=LossSettings(beta=0.1))
     m.configure_model()
     with torch.no_grad():  # make policy and reference differ so the KL term has a gradient
         for p in m.policy.parameters():
@@ -38,9 +39,9 @@ def module(tiny_model_path):
 
 
 def _grads(module, batch, budget, mode, mask_truncated=False):
-    module.hparams.micro_batch_tokens = budget
-    module.hparams.mask_truncated = mask_truncated
-    module.hparams.loss_aggregation = mode
+    module.efficiency.micro_batch_tokens = budget
+    module.loss_settings.mask_truncated = mask_truncated
+    module.loss_settings.aggregation = mode
     module.policy.zero_grad()
     sums, num_micro = module.backward_batch(batch)
     return {n: p.grad.clone() for n, p in module.policy.named_parameters()}, sums, num_micro
@@ -84,10 +85,10 @@ def test_left_padded_micro_batch_logprobs_equal_unpadded_forward(module):
 
 
 def test_constructor_errors_name_the_flag(tiny_model_path):
-    with pytest.raises(ValueError, match="--model.loss_aggregation 'sum'"):
-        MGRPOModule(model=str(tiny_model_path), loss_aggregation="sum")
-    with pytest.raises(ValueError, match="--model.beta"):
-        MGRPOModule(model=str(tiny_model_path), beta=-1.0)
+    with pytest.raises(ValueError, match="--model.loss.aggregation 'sum'"):
+        LossSettings(aggregation="sum")
+    with pytest.raises(ValueError, match="--model.loss.beta"):
+        LossSettings(beta=-1.0)
     with pytest.raises(ValueError, match="--model.temperature"):
         MGRPOModule(model=str(tiny_model_path), temperature=0.0)
 
@@ -111,7 +112,7 @@ def test_truncated_is_reweights_by_the_engine_mismatch(module):
     vocab = len(module.tokenizer)
     plain, _, _ = _grads(module, _batch(vocab), 10_000, mode)
     try:
-        module.hparams.tis_cap = 2.0
+        module.loss_settings.tis_cap = 2.0
         # Engine agrees with the trainer: every weight is 1, the gradient is the unweighted one.
         same, sums, _ = _grads(module, _with_engine_logprobs(module, _batch(vocab), 0.0), 10_000, mode)
         assert sums["tis_weight"] / sums["tokens"] == pytest.approx(1.0, abs=1e-5)
@@ -125,15 +126,15 @@ def test_truncated_is_reweights_by_the_engine_mismatch(module):
         _, sums, _ = _grads(module, _with_engine_logprobs(module, _batch(vocab), -5.0), 10_000, mode)
         assert sums["tis_weight"] / sums["tokens"] == pytest.approx(2.0, abs=1e-6)
         assert sums["tis_capped"] == sums["tokens"]
-        with pytest.raises(ValueError, match="--model.tis_cap needs the engine's behaviour log-probs"):
+        with pytest.raises(ValueError, match="--model.loss.tis_cap needs the engine's behaviour log-probs"):
             _grads(module, _batch(vocab), 10_000, mode)
     finally:
-        module.hparams.tis_cap = None
+        module.loss_settings.tis_cap = None
 
 
 def test_tis_cap_below_one_names_the_flag(tiny_model_path):
-    with pytest.raises(ValueError, match="--model.tis_cap must be >= 1"):
-        MGRPOModule(model=str(tiny_model_path), tis_cap=0.5)
+    with pytest.raises(ValueError, match="--model.loss.tis_cap must be >= 1"):
+        LossSettings(tis_cap=0.5)
 
 
 def _grouped_batch(vocab, seed=0):
@@ -172,14 +173,14 @@ def test_shared_prefix_training_gives_the_plain_gradient(module, budget):
     batch = _grouped_batch(len(module.tokenizer))
     assert shared_prefix_plan(batch, budget) is not None  # the prompts repeat, so sharing applies
     try:
-        module.hparams.shared_prefix = False
+        module.efficiency.shared_prefix = False
         plain, sums_plain, _ = _grads(module, batch, budget, LossAggregation.SEQ_MEAN_TOKEN_MEAN, mask_truncated=True)
-        module.hparams.shared_prefix = True
+        module.efficiency.shared_prefix = True
         shared, sums_shared, n_shared = _grads(
             module, batch, budget, LossAggregation.SEQ_MEAN_TOKEN_MEAN, mask_truncated=True
         )
     finally:
-        module.hparams.shared_prefix = True
+        module.efficiency.shared_prefix = True
     assert (n_shared > 1) == (budget < 1000)
     assert sums_shared["tokens"] == sums_plain["tokens"]
     for key in ("loss/layer1", "loss/layer2", "kl_mean"):
@@ -207,12 +208,12 @@ def test_prefix_tree_training_gives_the_plain_gradient(module, budget):
     plan = prefix_tree_plan(batch, budget)
     assert plan is not None and any(hasattr(collate_prefix_tree(batch, rows, 0, True), "parent_index") for rows in plan)
     try:
-        module.hparams.shared_prefix = False
+        module.efficiency.shared_prefix = False
         plain, sums_plain, _ = _grads(module, batch, budget, LossAggregation.SEQ_MEAN_TOKEN_MEAN, mask_truncated=True)
-        module.hparams.shared_prefix = True
+        module.efficiency.shared_prefix = True
         tree, sums_tree, _ = _grads(module, batch, budget, LossAggregation.SEQ_MEAN_TOKEN_MEAN, mask_truncated=True)
     finally:
-        module.hparams.shared_prefix = True
+        module.efficiency.shared_prefix = True
     assert sums_tree["tokens"] == sums_plain["tokens"]
     for key in ("loss/layer1", "loss/layer2", "kl_mean"):
         assert sums_tree[key] == pytest.approx(sums_plain[key], rel=1e-5, abs=1e-6), key  # float32 sums

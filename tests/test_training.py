@@ -12,6 +12,7 @@ from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.rollout.config import RolloutConfig
 from mgrpo_pl.rollout.engines import param_checksum
 from mgrpo_pl.rollout.types import SamplingConfig
+from mgrpo_pl.settings import EfficiencySettings, LossSettings, OptimSettings
 from plugin_rewards import NeverReward, ParityReward
 
 
@@ -42,11 +43,10 @@ def _fit(
 ):
     module = MGRPOModule(
         model=str(tiny_model_path),
-        beta=beta,
-        reference_dtype=reference_dtype,
-        micro_batch_tokens=256,
+        loss=LossSettings(beta=beta),
+        efficiency=EfficiencySettings(micro_batch_tokens=256, reference_dtype=reference_dtype),
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
-        lr_schedule="constant",
+        optim=OptimSettings(lr_schedule="constant"),
     )
     data = MGRPODataModule(
         train=ProblemSet("arithmetic", options={"n": 16, "max_value": 9}),
@@ -131,7 +131,9 @@ class PoisonWeights(Callback):
 
 def _small_run(tiny_model_path, reward, steps, callbacks=()):
     """A beta=0 module, 2 problems per step, G=2, 4-token completions, and a bare Trainer."""
-    module = MGRPOModule(model=str(tiny_model_path), beta=0.0, lr_schedule="constant")
+    module = MGRPOModule(
+        model=str(tiny_model_path), loss=LossSettings(beta=0.0), optim=OptimSettings(lr_schedule="constant")
+    )
     data = MGRPODataModule(
         train=ProblemSet("arithmetic", options={"n": 4, "max_value": 9}),
         batch_size=2,
@@ -242,8 +244,8 @@ def test_bf16_reference_trains_an_fp32_policy_with_a_near_zero_first_kl(tiny_mod
 
 
 def test_unknown_reference_dtype_names_the_flag(tiny_model_path):
-    with pytest.raises(ValueError, match=r"--model\.reference_dtype: unknown value 'bf17'"):
-        MGRPOModule(model=str(tiny_model_path), reference_dtype="bf17")
+    with pytest.raises(ValueError, match=r"--model\.efficiency\.reference_dtype: unknown value 'bf17'"):
+        MGRPOModule(model=str(tiny_model_path), efficiency=EfficiencySettings(reference_dtype="bf17"))
 
 
 def test_memory_efficient_mlp_trains_to_the_same_weights(tiny_model_path):
@@ -251,12 +253,12 @@ def test_memory_efficient_mlp_trains_to_the_same_weights(tiny_model_path):
     for fused in (False, True):
         torch.manual_seed(0)
         module, data, trainer = _small_run(tiny_model_path, ParityReward(), steps=1)
-        module.hparams.memory_efficient_mlp = fused
+        module.efficiency.memory_efficient_mlp = fused
         trainer.fit(module, data)
         patched = ["forward" in vars(layer.mlp) for layer in module.policy.model.layers]
         assert patched == [fused] * len(patched)
         weights[fused] = module.policy.state_dict()
-    start = MGRPOModule(model=str(tiny_model_path), beta=0.0)
+    start = MGRPOModule(model=str(tiny_model_path), loss=LossSettings(beta=0.0))
     start.load_models()
     moved = [n for n, v in start.policy.state_dict().items() if not torch.equal(v, weights[True][n])]
     assert moved, "the step changed no weight: the comparison below would be empty"

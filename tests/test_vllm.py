@@ -248,7 +248,7 @@ def vllm_fit(tiny_model_path, tmp_path_factory):
             # The random model never answers right; a reward that varies makes the policy move every step.
             "--data.reward=plugin_rewards.ParityReward",
             # Truncated IS on vLLM's own behaviour log-probs (fp32 on both sides: weights near 1).
-            "--model.tis_cap=2.0",
+            "--model.loss.tis_cap=2.0",
         ]
     )
     yield cli

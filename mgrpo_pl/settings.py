@@ -1,0 +1,118 @@
+"""``MGRPOModule``'s settings in three groups: the loss, how a step is computed, the optimisation schedule.
+
+Each group is a dataclass whose attribute docstrings are the ``mgrpo fit --help`` text of its flags
+(``--model.loss.beta``, ``--model.efficiency.micro_batch_tokens``, ``--model.optim.warmup_ratio``); in YAML they are
+nested under ``model.loss``, ``model.efficiency`` and ``model.optim``. A bad value raises ``ConfigError`` naming its
+flag when the group is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
+
+from mgrpo_pl.algo.losses import LossAggregation
+from mgrpo_pl.errors import ConfigError
+from mgrpo_pl.modeling.loading import resolve_dtype
+from mgrpo_pl.schedules import ScheduleName
+
+
+@dataclass
+class LossSettings:
+    """The MGRPO loss: ``Σ_k w_k · L_k``, each ``L_k`` the clipped surrogate with the k3 KL (paper Eq. 2, 3, 6)."""
+
+    beta: float = 0.001
+    """Weight of the k3 KL to the frozen reference (paper: 0.001); 0 trains without loading the reference."""
+    clip_eps: float = 0.2
+    """PPO clip epsilon: the lower side, and the upper side unless clip_eps_high is set."""
+    clip_eps_high: float | None = None
+    """Upper clip epsilon ("clip-higher", DAPO); null uses clip_eps."""
+    layer2_weight: float = 1.0
+    """Weight w_2 of the layer-2 (correction) loss in the total; layer 1's is 1."""
+    aggregation: str = "seq-mean-token-mean"
+    """How token losses become a layer's loss: seq-mean-token-mean (paper), token-mean (DAPO) or
+    seq-mean-token-sum-norm (Dr. GRPO)."""
+    norm_length: int | None = None
+    """The constant divisor of seq-mean-token-sum-norm; null uses the batch's longest completion."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: weight each token's surrogate by min(pi_trainer / pi_engine, tis_cap), for an
+    engine whose numerics differ from the trainer's (vLLM); null leaves tokens unweighted (the gap is logged anyway)."""
+    mask_truncated: bool = False
+    """Leave completions cut at the length limit out of the loss (DAPO's overlong filtering)."""
+
+    def __post_init__(self) -> None:
+        try:
+            LossAggregation(self.aggregation)
+        except ValueError:
+            names = ", ".join(m.value for m in LossAggregation)
+            raise ConfigError(
+                f"--model.loss.aggregation {self.aggregation!r} is unknown; choose from {names}"
+            ) from None
+        if self.beta < 0:
+            raise ConfigError(f"--model.loss.beta must be >= 0, got {self.beta}")
+        if self.clip_eps <= 0 or (self.clip_eps_high is not None and self.clip_eps_high <= 0):
+            raise ConfigError("--model.loss.clip_eps and --model.loss.clip_eps_high must be > 0")
+        if self.tis_cap is not None and self.tis_cap < 1:
+            raise ConfigError(f"--model.loss.tis_cap must be >= 1 (or null to turn it off), got {self.tis_cap}")
+
+
+@dataclass
+class EfficiencySettings:
+    """How a step is computed. None of these changes the loss or its gradient beyond float rounding."""
+
+    micro_batch_tokens: int = 8192
+    """Tokens per forward pass, padding included: bounds activation memory, not the batch."""
+    shared_prefix: bool = True
+    """Run each distinct prompt (layer 1) or correction query (layer 2) once per micro-batch, the rows that continue
+    it on its key/value cache. Off by itself under gradient checkpointing, sharded strategies and half-precision
+    autocast on a GPU."""
+    prefix_tree: bool = True
+    """With shared_prefix, run a layer-2 group on top of the keys and values of the layer-1 row its query repeats."""
+    gradient_checkpointing: bool = False
+    """Recompute the policy's activations in the backward: less memory, about a third more compute."""
+    memory_efficient_mlp: bool = True
+    """A SwiGLU MLP backward (Llama, Qwen2/3, Mistral) that keeps two of its four wide tensors per token: the same
+    gradient, about a third less activation memory."""
+    reference_dtype: str | None = None
+    """The frozen reference's weights dtype (float32, bfloat16, float16 or auto); null uses --model.dtype. bfloat16
+    halves its memory (as verl holds it); its rounding enters only the beta-weighted KL term."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_tokens < 1:
+            raise ConfigError(f"--model.efficiency.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
+        if self.reference_dtype is not None:
+            try:
+                resolve_dtype(self.reference_dtype)
+            except ValueError as err:
+                raise ConfigError(f"--model.efficiency.reference_{err}") from None
+
+
+@dataclass
+class OptimSettings:
+    """The learning-rate schedule and gradient clipping around the optimizer (``--model.optimizer``)."""
+
+    lr_schedule: ScheduleName = "cosine"
+    """constant, linear or cosine decay after the warm-up (paper: cosine)."""
+    warmup_ratio: float = 0.03
+    """Fraction of the run spent in linear warm-up (paper: 0.03)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the initial one."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient's global norm to this; null turns clipping off."""
+
+
+Settings = TypeVar("Settings", LossSettings, EfficiencySettings, OptimSettings)
+
+
+def settings_of(kind: type[Settings], value: Settings | Mapping[str, Any] | None) -> Settings:
+    """A private copy of a settings group, from an instance, a mapping (a checkpoint's hyper-parameters) or None."""
+    if value is None:
+        return kind()
+    if isinstance(value, Mapping):
+        known = {f.name for f in fields(kind)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"unknown {kind.__name__} keys {unknown}; known: {sorted(known)}")
+        return kind(**value)
+    return kind(**asdict(value))
