@@ -26,7 +26,6 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from mgrpo_pl.algo.losses import LossAggregation
 from mgrpo_pl.distributed import (
     ROLLOUT_STAT_NAMES,
     Reduce,
@@ -178,7 +177,7 @@ class MGRPOModule(TwoTurnEvaluation):
             beta=loss.beta,
             clip_eps=loss.clip_eps,
             clip_eps_high=loss.clip_eps_high,
-            aggregation=LossAggregation(loss.aggregation),
+            aggregation=loss.aggregation,
             tis_cap=loss.tis_cap,
         )
 

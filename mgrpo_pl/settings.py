@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
-from mgrpo_pl.algo.losses import LossAggregation
+from mgrpo_pl.algo.losses import LOSS_AGGREGATIONS
 from mgrpo_pl.errors import ConfigError
 from mgrpo_pl.modeling.loading import resolve_dtype
 from mgrpo_pl.schedules import ScheduleName
@@ -31,8 +31,8 @@ class LossSettings:
     layer2_weight: float = 1.0
     """Weight w_2 of the layer-2 (correction) loss in the total; layer 1's is 1."""
     aggregation: str = "seq-mean-token-mean"
-    """How token losses become a layer's loss: seq-mean-token-mean (paper), token-mean (DAPO) or
-    seq-mean-token-sum-norm (Dr. GRPO)."""
+    """How token losses become a layer's loss: seq-mean-token-mean (paper), token-mean (DAPO),
+    seq-mean-token-sum-norm (Dr. GRPO), or a name registered in mgrpo_pl.algo.losses.LOSS_AGGREGATIONS."""
     norm_length: int | None = None
     """The constant divisor of seq-mean-token-sum-norm; null uses the batch's longest completion."""
     tis_cap: float | None = None
@@ -42,13 +42,7 @@ class LossSettings:
     """Leave completions cut at the length limit out of the loss (DAPO's overlong filtering)."""
 
     def __post_init__(self) -> None:
-        try:
-            LossAggregation(self.aggregation)
-        except ValueError:
-            names = ", ".join(m.value for m in LossAggregation)
-            raise ConfigError(
-                f"--model.loss.aggregation {self.aggregation!r} is unknown; choose from {names}"
-            ) from None
+        LOSS_AGGREGATIONS.get(self.aggregation)  # an unknown name raises ConfigError with the known ones
         if self.beta < 0:
             raise ConfigError(f"--model.loss.beta must be >= 0, got {self.beta}")
         if self.clip_eps <= 0 or (self.clip_eps_high is not None and self.clip_eps_high <= 0):

@@ -97,7 +97,7 @@ def test_integer_and_double_rewards_give_float32() -> None:
 
 
 def test_unknown_scaling_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="'group', 'batch', 'none'"):
+    with pytest.raises(ValueError, match="choose from group, batch, none"):
         group_advantages(torch.zeros(2, 4), "std")
 
 

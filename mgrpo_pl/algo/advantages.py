@@ -17,15 +17,18 @@ sample std is undefined.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from enum import Enum
+
 import torch
 from torch import Tensor
 
-from mgrpo_pl.algo.choices import NamedChoice
+from mgrpo_pl.algo.registry import Registry
 
-__all__ = ["AdvantageScaling", "group_advantages"]
+__all__ = ["ADVANTAGE_SCALINGS", "AdvantageScaling", "group_advantages"]
 
 
-class AdvantageScaling(NamedChoice):
+class AdvantageScaling(str, Enum):
     """How group-centred rewards are scaled into advantages (chosen by name in the config)."""
 
     GROUP = "group"
@@ -36,12 +39,35 @@ class AdvantageScaling(NamedChoice):
     """Dr. GRPO: ``r - mean_group``."""
 
 
+ScalingFn = Callable[[Tensor, Tensor, float], Tensor]
+#: ``(rewards [groups, size], group-centred rewards, eps) -> advantages``.
+ADVANTAGE_SCALINGS: Registry[ScalingFn] = Registry("advantage scaling", "--data.rollout.advantage_scaling")
+
+
+@ADVANTAGE_SCALINGS.register(AdvantageScaling.GROUP.value)
+def _by_group_std(rewards: Tensor, centred: Tensor, eps: float) -> Tensor:
+    # A size-1 group has no sample std (0/0); it is zeroed by the caller, so any finite stand-in works here.
+    std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(centred[:, :1])
+    return centred / (std + eps)
+
+
+@ADVANTAGE_SCALINGS.register(AdvantageScaling.BATCH.value)
+def _by_batch_std(rewards: Tensor, centred: Tensor, eps: float) -> Tensor:
+    std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
+    return centred / (std + eps)
+
+
+@ADVANTAGE_SCALINGS.register(AdvantageScaling.NONE.value)
+def _unscaled(rewards: Tensor, centred: Tensor, eps: float) -> Tensor:
+    return centred
+
+
 def group_advantages(rewards: Tensor, scaling: AdvantageScaling | str = "group", eps: float = 1e-6) -> Tensor:
     """Group-relative advantages.
 
     Args:
         rewards: ``[num_groups, group_size]`` rewards, one row per prompt.
-        scaling: an :class:`AdvantageScaling` member or its name (``"group"``, ``"batch"``, ``"none"``).
+        scaling: a name in ``ADVANTAGE_SCALINGS`` (built-ins: ``"group"``, ``"batch"``, ``"none"``).
         eps: added to the std before dividing, so a near-constant group cannot divide by ~0.
 
     Returns:
@@ -51,7 +77,7 @@ def group_advantages(rewards: Tensor, scaling: AdvantageScaling | str = "group",
     Raises:
         ValueError: if ``rewards`` is not 2-D or ``scaling`` is not a known name.
     """
-    mode = AdvantageScaling.parse(scaling)
+    scale = ADVANTAGE_SCALINGS.get(scaling)
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [num_groups, group_size], got shape {tuple(rewards.shape)}")
     rewards = rewards.detach().float()
@@ -59,15 +85,7 @@ def group_advantages(rewards: Tensor, scaling: AdvantageScaling | str = "group",
         return torch.zeros_like(rewards)
 
     centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if mode is AdvantageScaling.GROUP:
-        # A size-1 group has no sample std (0/0); it is zeroed below, so any finite stand-in works here.
-        std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(centred[:, :1])
-        advantages = centred / (std + eps)
-    elif mode is AdvantageScaling.BATCH:
-        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
-        advantages = centred / (std + eps)
-    else:
-        advantages = centred
+    advantages = scale(rewards, centred, eps)
 
     # The mean of equal floats need not round back to the value itself (e.g. three 0.1s), and the residue divided
     # by eps would be a spurious non-zero advantage, so constant groups are zeroed explicitly.

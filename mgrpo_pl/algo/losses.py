@@ -30,14 +30,17 @@ Departures from the paper, all opt-in by name:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import Tensor
 
-from mgrpo_pl.algo.choices import NamedChoice
+from mgrpo_pl.algo.registry import Registry
 
 __all__ = [
+    "LOSS_AGGREGATIONS",
     "LossAggregation",
     "PolicyLossOutput",
     "aggregate",
@@ -54,7 +57,7 @@ __all__ = [
 _MAX_LOG_RATIO = 20.0
 
 
-class LossAggregation(NamedChoice):
+class LossAggregation(str, Enum):
     """How the ``[B, T]`` per-token loss is reduced to a scalar (chosen by name in the config)."""
 
     SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
@@ -68,6 +71,32 @@ class LossAggregation(NamedChoice):
 def _masked(values: Tensor, mask: Tensor) -> Tensor:
     # where, not multiply: a NaN/inf in a padded position (e.g. from a garbage logit) times 0 would still be NaN.
     return torch.where(mask, values, torch.zeros_like(values))
+
+
+AggregationFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", int], tuple[Tensor, Tensor]]
+#: ``(masked loss [B, T], tokens per row [B], completions, tokens or None, length) -> (numerator, denominator)``.
+LOSS_AGGREGATIONS: Registry[AggregationFn] = Registry("loss aggregation", "--model.loss.aggregation")
+
+
+@LOSS_AGGREGATIONS.register(LossAggregation.SEQ_MEAN_TOKEN_MEAN.value)
+def _seq_mean_token_mean(
+    masked: Tensor, tokens_per_row: Tensor, seqs: Tensor, tokens: Tensor | None, length: int
+) -> tuple[Tensor, Tensor]:
+    return (masked.sum(dim=1) / tokens_per_row.clamp_min(1).to(masked.dtype)).sum(), seqs
+
+
+@LOSS_AGGREGATIONS.register(LossAggregation.TOKEN_MEAN.value)
+def _token_mean(
+    masked: Tensor, tokens_per_row: Tensor, seqs: Tensor, tokens: Tensor | None, length: int
+) -> tuple[Tensor, Tensor]:
+    return masked.sum(), tokens_per_row.sum() if tokens is None else tokens
+
+
+@LOSS_AGGREGATIONS.register(LossAggregation.SEQ_MEAN_TOKEN_SUM_NORM.value)
+def _seq_mean_token_sum_norm(
+    masked: Tensor, tokens_per_row: Tensor, seqs: Tensor, tokens: Tensor | None, length: int
+) -> tuple[Tensor, Tensor]:
+    return masked.sum(), seqs * float(length)
 
 
 def aggregate(
@@ -88,7 +117,7 @@ def aggregate(
     Args:
         loss: ``[B, T]`` per-token loss.
         mask: ``[B, T]`` bool or 0/1 mask of the completion tokens.
-        mode: a :class:`LossAggregation` member or its name.
+        mode: a name in ``LOSS_AGGREGATIONS`` (the built-ins are the :class:`LossAggregation` members).
         num_seqs: normaliser over completions; default: rows with at least one valid token.
         num_tokens: normaliser of ``token-mean``; default: ``mask.sum()``.
         norm_length: the constant length of ``seq-mean-token-sum-norm``; default: ``T`` (``loss.shape[1]``).
@@ -100,7 +129,7 @@ def aggregate(
     Raises:
         ValueError: on an unknown mode, mismatched shapes, or a non-positive ``norm_length``.
     """
-    agg = LossAggregation.parse(mode)
+    combine = LOSS_AGGREGATIONS.get(mode)
     if loss.dim() != 2 or mask.shape != loss.shape:
         raise ValueError(f"loss and mask must both be [B, T], got {tuple(loss.shape)} and {tuple(mask.shape)}")
     if norm_length is not None and norm_length <= 0:
@@ -111,15 +140,9 @@ def aggregate(
     # Normalisers stay tensors: calling .item() here would force a device sync on every micro-batch.
     seqs = (tokens_per_row > 0).sum() if num_seqs is None else torch.as_tensor(num_seqs, device=loss.device)
 
-    if agg is LossAggregation.SEQ_MEAN_TOKEN_MEAN:
-        numerator = (masked.sum(dim=1) / tokens_per_row.clamp_min(1).to(masked.dtype)).sum()
-        denominator = seqs
-    elif agg is LossAggregation.TOKEN_MEAN:
-        numerator = masked.sum()
-        denominator = tokens_per_row.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=loss.device)
-    else:
-        numerator = masked.sum()
-        denominator = seqs * float(loss.shape[1] if norm_length is None else norm_length)
+    tokens = None if num_tokens is None else torch.as_tensor(num_tokens, device=loss.device)
+    length = loss.shape[1] if norm_length is None else norm_length
+    numerator, denominator = combine(masked, tokens_per_row, seqs, tokens, length)
 
     # At least float32: bf16 cannot count tokens past 256 exactly.
     denominator = denominator.to(torch.promote_types(masked.dtype, torch.float32))

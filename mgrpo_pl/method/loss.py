@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mgrpo_pl.algo.losses import LossAggregation, PolicyLossOutput, aggregate, policy_loss, truncated_is_weights
+from mgrpo_pl.algo.losses import PolicyLossOutput, aggregate, policy_loss, truncated_is_weights
 from mgrpo_pl.layouts import AnyMicroBatch
 from mgrpo_pl.rollout.types import RolloutBatch
 
@@ -31,7 +31,7 @@ class LossTerms:
         beta: Weight of the k3 KL to the reference.
         clip_eps: PPO clip epsilon (lower side, and upper side unless ``clip_eps_high`` is set).
         clip_eps_high: Upper clip epsilon (DAPO's clip-higher); None uses ``clip_eps``.
-        aggregation: How token losses become one number per layer.
+        aggregation: How token losses become one number per layer (a ``LOSS_AGGREGATIONS`` name).
         tis_cap: Truncated importance-sampling cap on ``pi_trainer / pi_engine``; None leaves tokens unweighted.
     """
 
@@ -39,7 +39,7 @@ class LossTerms:
     beta: float
     clip_eps: float
     clip_eps_high: float | None
-    aggregation: LossAggregation
+    aggregation: str
     tis_cap: float | None = None
 
 

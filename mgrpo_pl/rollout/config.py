@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mgrpo_pl.algo.advantages import ADVANTAGE_SCALINGS
 from mgrpo_pl.algo.correction import DEFAULT_EVAL_GUIDE, DEFAULT_GUIDE_PHRASES, TURN2_SCORINGS
 from mgrpo_pl.errors import ConfigError
 from mgrpo_pl.rollout.types import SamplingConfig
@@ -50,7 +51,8 @@ class RolloutConfig:
         correction_sampling: Sampling for probes and layer-2 samples; None reuses ``sampling``.
         instruction: Appended to each problem in the user message.
         system_prompt: Optional system message.
-        advantage_scaling: ``group`` (paper), ``batch`` or ``none`` (Dr. GRPO).
+        advantage_scaling: ``group`` (paper), ``batch``, ``none`` (Dr. GRPO) or a name registered in
+            ``mgrpo_pl.algo.advantages.ADVANTAGE_SCALINGS``.
         advantage_eps: The eps in (r - mean) / (std + eps).
         eval_sampling: Sampling for the two-turn evaluation (paper: temperature 0.7).
         eval_samples: Samples per problem at evaluation (mean and spread are reported).
@@ -81,7 +83,7 @@ class RolloutConfig:
     correction_sampling: SamplingConfig | None = None
     instruction: str = DEFAULT_INSTRUCTION
     system_prompt: str | None = None
-    advantage_scaling: Literal["group", "batch", "none"] = "group"
+    advantage_scaling: str = "group"
     advantage_eps: float = 1e-6
     eval_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
     eval_samples: int = 1
@@ -133,10 +135,7 @@ class RolloutConfig:
                 f"--data.rollout.sampling.temperature={self.sampling.temperature}: log-probs of both layers are taken "
                 "at the one temperature of --model.temperature; set them equal"
             )
-        if self.advantage_scaling not in ("group", "batch", "none"):
-            raise ConfigError(
-                f"--data.rollout.advantage_scaling must be group, batch or none, got {self.advantage_scaling!r}"
-            )
+        ADVANTAGE_SCALINGS.get(self.advantage_scaling)  # an unknown name raises ConfigError with the known ones
         if self.sampling.greedy:
             warnings.warn(
                 "--data.rollout.sampling.temperature is 0 with G > 1: every group's samples are identical, so all "
