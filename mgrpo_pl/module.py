@@ -42,12 +42,12 @@ from mgrpo_pl.evaluation import TwoTurnEvaluation
 from mgrpo_pl.layouts import AnyMicroBatch, completion_logprobs, micro_batch_layout, shared_prefix_allowed
 from mgrpo_pl.method.loss import LossTerms, layer_counts, micro_batch_loss
 from mgrpo_pl.metrics import SelfCorrectionMetrics
+from mgrpo_pl.metrics.step_stats import StepSums, step_values
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from mgrpo_pl.modeling.swiglu import patch_swiglu_mlps
 from mgrpo_pl.rollout.types import RolloutBatch
 from mgrpo_pl.schedules import warmup_schedule
 from mgrpo_pl.settings import EfficiencySettings, LossSettings, OptimSettings, settings_of
-from mgrpo_pl.step_stats import StepSums, step_values
 
 
 def _default_optimizer(params: object) -> torch.optim.Optimizer:

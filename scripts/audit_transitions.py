@@ -32,7 +32,7 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
-from mgrpo_pl.report import load_records
+from mgrpo_pl.metrics.report import load_records
 from mgrpo_pl.rewards import read_final_answer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling statistics script, however this one is run

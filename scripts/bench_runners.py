@@ -83,7 +83,7 @@ def prepare_model(name: str, cache_dir: str | None) -> str:
 
 
 def _problems(args: argparse.Namespace) -> list[Any]:
-    from mgrpo_pl.data.problems import arithmetic_problems
+    from mgrpo_pl.data.loaders import arithmetic_problems
 
     return arithmetic_problems((args.warmup + args.steps) * args.prompts_per_step, seed=args.seed, ops="+")
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from mgrpo_pl.cli import cli_main
-from mgrpo_pl.report import csv_table, load_records, markdown_table, summarize
+from mgrpo_pl.metrics.report import csv_table, load_records, markdown_table, summarize
 
 RESULT_FILE = re.compile(r"^test_(?P<name>.+)_step\d+(?:_rank\d+)?\.jsonl$")
 

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from mgrpo_pl.cli import cli_main
-from mgrpo_pl.report import csv_table, markdown_table, summarize
+from mgrpo_pl.metrics.report import csv_table, markdown_table, summarize
 
 SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent

@@ -1,6 +1,6 @@
 """Statistics for a pre-registered self-correction experiment, from the per-problem JSONL that evaluation writes.
 
-Per arm: the Table-2 figures (``mgrpo_pl.report.summarize``: percent of all (problem, sample) pairs) and an exact
+Per arm: the Table-2 figures (``metrics.report.summarize``: percent of all (problem, sample) pairs) and an exact
 McNemar test of turn 2 against turn 1 (b = #i→c, c = #c→i over all pairs). Between arms: paired bootstrap 95% CIs,
 resampling problems, of the headline's Acc@t2 − the reference's Acc@t1 and Acc@t2, and the same two differences for
 every other arm.
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binomtest
 
-from mgrpo_pl.report import COLUMNS, load_records, summarize
+from mgrpo_pl.metrics.report import COLUMNS, load_records, summarize
 
 KEYS = ("correct_t1", "correct_t2")
 # Resampled index rows per chunk times problems stays under this, so 10k draws of a large benchmark fit in memory.

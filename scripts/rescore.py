@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from mgrpo_pl.algo.correction import TURN2_SCORINGS, turn2_texts
-from mgrpo_pl.report import COLUMNS, load_records, markdown_table, summarize
+from mgrpo_pl.metrics.report import COLUMNS, load_records, markdown_table, summarize
 from mgrpo_pl.rewards import ANSWER_FORMATS, MathReward
 
 DEFAULT_READINGS = ("old=math_verify:correction", "new=value:final")

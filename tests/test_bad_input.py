@@ -38,7 +38,7 @@ import torch
 from mgrpo_pl.algo.advantages import group_advantages
 from mgrpo_pl.algo.losses import LossAggregation
 from mgrpo_pl.cli import cli_main
-from mgrpo_pl.data.problems import DatasetError
+from mgrpo_pl.data.loaders import DatasetError
 from mgrpo_pl.errors import CheckpointError
 from mgrpo_pl.modeling import loading
 from mgrpo_pl.module import MGRPOModule
@@ -107,7 +107,7 @@ def test_skipped_rows_are_counted_and_logged(tiny_model_path, tmp_path, caplog):
     rows = [GOOD, {"question": "What is 2 + 2?"}, GOOD | {"question": "What is 3 + 3?"}, "{not json"]
     path = _jsonl(tmp_path / "train.jsonl", rows)
     options = json.dumps({"path": str(path), "on_error": "skip"})
-    with caplog.at_level(logging.WARNING, logger="mgrpo_pl.data.loaders"):
+    with caplog.at_level(logging.WARNING, logger="mgrpo_pl.data.problems"):
         flags = ["--data.train.source=jsonl", f"--data.train.options={options}", "--trainer.max_steps=0"]
         flags.append("--trainer.limit_val_batches=0")  # 2 problems: fewer batches than tiny.yaml's val interval
         cli = _mgrpo(tiny_model_path, tmp_path, *flags)

@@ -14,7 +14,7 @@ import torch
 from mgrpo_pl.cli import cli_main
 from mgrpo_pl.evaluation import TwoTurnEvaluation
 from mgrpo_pl.metrics import SCALAR_METRICS, SelfCorrectionMetrics, self_correction_collection
-from mgrpo_pl.report import csv_table, load_records, markdown_table, summarize
+from mgrpo_pl.metrics.report import csv_table, load_records, markdown_table, summarize
 from mgrpo_pl.rewards import read_final_answer
 from mgrpo_pl.rollout.types import EvalBatch
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mgrpo_pl.data.problems import Problem
+from mgrpo_pl.data.loaders import Problem
 from mgrpo_pl.method import MGRPORollout
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
 from mgrpo_pl.rewards import read_final_answer

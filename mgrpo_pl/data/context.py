@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from mgrpo_pl.data.loaders import DatasetError, OnError, Problem, SkipReport
+from mgrpo_pl.data.problems import DatasetError, OnError, Problem, SkipReport
 
 log = logging.getLogger(__name__)
 

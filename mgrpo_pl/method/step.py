@@ -33,7 +33,7 @@ from mgrpo_pl.rollout.generation import generate, split_first, take
 from mgrpo_pl.rollout.types import Generation, RolloutBatch
 
 if TYPE_CHECKING:
-    from mgrpo_pl.data.problems import Problem
+    from mgrpo_pl.data.loaders import Problem
 
 T = TypeVar("T")
 

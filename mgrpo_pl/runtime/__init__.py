@@ -1,4 +1,4 @@
-"""What every ``mgrpo`` run gets besides the method (``mgrpo_pl.cli_defaults`` adds them): a checkpoint on
+"""What every ``mgrpo`` run gets besides the method (``mgrpo_pl.cli.defaults`` adds them): a checkpoint on
 preemption, flat CPU memory, readable progress and streamed checkpoint writes. Lightning callbacks and a plugin that
 any Lightning project can use; the ``callbacks`` package re-exports the callbacks."""
 

@@ -61,10 +61,10 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
-from mgrpo_pl.quiet import VERBOSE_ENV, DropStarting, verbose
 from mgrpo_pl.rollout.engines.base import GenerationEngine, end_token_ids
 from mgrpo_pl.rollout.engines.vllm_weights import WeightSyncExtension, read_checkpoint_weights
 from mgrpo_pl.rollout.types import Generation, SamplingConfig
+from mgrpo_pl.runtime.quiet import VERBOSE_ENV, DropStarting, verbose
 from mgrpo_pl.runtime.rng import RngState
 
 log = logging.getLogger(__name__)

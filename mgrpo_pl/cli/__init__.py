@@ -19,13 +19,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mgrpo_pl.cli_checkpoint import LIGHTNING_CKPT_NAMES, read_hparams, resolve
-from mgrpo_pl.cli_defaults import default_callbacks, default_plugins
-from mgrpo_pl.cli_errors import EXIT_SIGTERM, MGRPOArgumentParser, debug_requested, fail
+from mgrpo_pl.cli.checkpoint import LIGHTNING_CKPT_NAMES, read_hparams, resolve
+from mgrpo_pl.cli.defaults import default_callbacks, default_plugins
+from mgrpo_pl.cli.errors import EXIT_SIGTERM, MGRPOArgumentParser, debug_requested, fail
 from mgrpo_pl.data.datamodule import MGRPODataModule
 from mgrpo_pl.errors import InputError
 from mgrpo_pl.module import MGRPOModule
-from mgrpo_pl.quiet import quiet_libraries
+from mgrpo_pl.runtime.quiet import quiet_libraries
 from mgrpo_pl.strategies import require_gpu  # also registers --trainer.strategy=fsdp2
 
 # The settings groups (mgrpo_pl.settings) document each field in an attribute docstring: make those the --help text.
