@@ -1,7 +1,7 @@
 """Sort every i→c and c→i transition of evaluation records into what the correction õ (the ``turn2`` text) did.
 
-    python scripts/audit_transitions.py GRPO=eval/GRPO/test_gsm8k_step0.jsonl MGRPO=eval/MGRPO/test_gsm8k_step0.jsonl
-    python scripts/audit_transitions.py MGRPO=RESULTS.jsonl --cases cases.jsonl
+    python -m scripts.audit_transitions GRPO=eval/GRPO/test_gsm8k_step0.jsonl MGRPO=eval/MGRPO/test_gsm8k_step0.jsonl
+    python -m scripts.audit_transitions MGRPO=RESULTS.jsonl --cases cases.jsonl
 
 A case takes the first category that fits, in this order (an earlier one explains the outcome more simply, so it
 wins: a cut correction that states nothing is ``cut``, not ``affirmed``):
@@ -34,9 +34,7 @@ from pathlib import Path
 
 from mgrpo_pl.metrics.report import load_records
 from mgrpo_pl.rewards import read_final_answer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling statistics script, however this one is run
-import replication_stats  # noqa: E402
+from scripts import replication_stats
 
 CATEGORIES = ("empty", "cut", "affirmed", "different_quantity", "different_value")
 # Caps the subset-sum search at 2**16 (size, sum) states per case.

@@ -3,7 +3,7 @@
 Each ``--run`` is ``METHOD=CONFIG[+CONFIG...][@CHECKPOINT]``; every test set in the config becomes one row per
 method. The figures are recomputed from the per-problem JSONL each run writes (kept under ``<out>/<method>/``).
 
-    python scripts/eval_table.py --out docs/demo_eval \
+    python -m scripts.eval_table --out docs/demo_eval \
         --run "Intrinsic self-correction=configs/demo.yaml+configs/baselines/intrinsic.yaml" \
         --run "MGRPO=configs/demo.yaml@runs/demo/lightning_logs/version_0/checkpoints/last.ckpt" \
         -- --data.test='[{source: gsm8k, name: gsm8k, options: {path: "mathjudger:gsm8k/test", subset_n: 100}}]'

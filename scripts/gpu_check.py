@@ -12,8 +12,8 @@ Each check prints one line, PASS or FAIL with what it measured, and the script e
   strategy): finite losses, the policy moved, the reference did not, and every batch was generated on-policy
   (a copied engine is on the GPU and holds the policy's weights after every push).
 
-    python scripts/gpu_check.py            # ~1 minute on one H100
-    python scripts/gpu_check.py --cpu      # the same checks on the CPU (no FSDP), e.g. to try the script
+    python -m scripts.gpu_check            # ~1 minute on one H100
+    python -m scripts.gpu_check --cpu      # the same checks on the CPU (no FSDP), e.g. to try the script
 """
 
 from __future__ import annotations
@@ -28,24 +28,22 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import mgrpo_pl.strategies  # noqa: F401 - registers the "fsdp2" strategy name, as the mgrpo command does
+from callbacks import RolloutCallback
+from callbacks.rollout import policy_weights
+from mgrpo_pl.algo.logprobs import token_logprobs
+from mgrpo_pl.data.datamodule import MGRPODataModule, ProblemSet
+from mgrpo_pl.layouts.padded import collate_micro_batch
+from mgrpo_pl.layouts.shared_prefix import collate_shared_prefix, completion_logits
+from mgrpo_pl.modeling import load_causal_lm, load_tokenizer, resolve_model_path
+from mgrpo_pl.module import MGRPOModule
+from mgrpo_pl.rewards import MathReward
+from mgrpo_pl.rollout.config import RolloutConfig
+from mgrpo_pl.rollout.engines import end_token_ids, param_checksum
+from mgrpo_pl.rollout.engines.cpu.decoding import sample_completions
+from mgrpo_pl.rollout.types import RolloutBatch, SamplingConfig
+from mgrpo_pl.settings import EfficiencySettings, LossSettings, OptimSettings
 
-import mgrpo_pl.strategies  # noqa: E402, F401 - registers the "fsdp2" strategy name, as the mgrpo command does
-from callbacks import RolloutCallback  # noqa: E402
-from callbacks.rollout import policy_weights  # noqa: E402
-from mgrpo_pl.algo.logprobs import token_logprobs  # noqa: E402
-from mgrpo_pl.data.datamodule import MGRPODataModule, ProblemSet  # noqa: E402
-from mgrpo_pl.layouts.padded import collate_micro_batch  # noqa: E402
-from mgrpo_pl.layouts.shared_prefix import collate_shared_prefix, completion_logits  # noqa: E402
-from mgrpo_pl.modeling import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
-from mgrpo_pl.module import MGRPOModule  # noqa: E402
-from mgrpo_pl.rewards import MathReward  # noqa: E402
-from mgrpo_pl.rollout.config import RolloutConfig  # noqa: E402
-from mgrpo_pl.rollout.engines import end_token_ids, param_checksum  # noqa: E402
-from mgrpo_pl.rollout.engines.cpu.decoding import sample_completions  # noqa: E402
-from mgrpo_pl.rollout.types import RolloutBatch, SamplingConfig  # noqa: E402
-from mgrpo_pl.settings import EfficiencySettings, LossSettings, OptimSettings  # noqa: E402
 
 # (name, precision, share_weights, strategy) of the training checks.
 FITS = [

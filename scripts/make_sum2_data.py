@@ -9,7 +9,7 @@ Why this family: a probe of SmolLM2-135M-Instruct at temperature 0.7 (48 problem
 ~46% and three-digit-addend sums, two-digit sums and one-step word problems at 0-19%; only the first sits in the
 25-60% band where GRPO groups carry signal.
 
-    python scripts/make_sum2_data.py --out mgrpo_pl/data/files
+    python -m scripts.make_sum2_data --out mgrpo_pl/data/files
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Plot accuracy and transition rates over training steps from a run's TensorBoard logs to a PNG.
 
-    python scripts/plot_training.py runs/demo/lightning_logs/version_0 --out docs/demo_training.png
+    python -m scripts.plot_training runs/demo/lightning_logs/version_0 --out docs/demo_training.png
 
 Left: Acc@t1 and Acc@t2 of each step's rollouts (and of validation, where logged). Right: Δi→c and Δc→i.
 Several log folders can be given (e.g. GRPO and MGRPO runs); each gets its own line style.

@@ -9,7 +9,7 @@ accuracy over all samples, the share of problems whose samples are mixed (some r
 give GRPO a non-zero advantage), mean completion length in tokens (eos included) and generation speed.
 
 Example:
-    python scripts/probe_demo_difficulty.py --candidates add_1digit add_0_20 --temperatures 1.0 0.7
+    python -m scripts.probe_demo_difficulty --candidates add_1digit add_0_20 --temperatures 1.0 0.7
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ read by the value rules, trained on ``bundled:sum2_train`` and evaluated on the 
 steps and validation interval are the config's unless ``--steps`` / ``--val-every`` say otherwise. The criteria it is
 judged by are written in ``docs/replication/README.md`` before it is run.
 
-    python scripts/replicate.py --out docs/replication --second-guide "Let me re-add the numbers to be sure."
-    python scripts/replicate.py --config configs/paper.yaml --steps 300 --out runs/replication_7b \\
+    python -m scripts.replicate --out docs/replication --second-guide "Let me re-add the numbers to be sure."
+    python -m scripts.replicate --config configs/paper.yaml --steps 300 --out runs/replication_7b \\
         -- --model.model=Qwen/Qwen2.5-Math-7B --trainer.accelerator=gpu   # a GPU run (see configs/paper.yaml)
 
 Arguments after ``--`` go to every `mgrpo fit` and `mgrpo test` call.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import sys
@@ -48,9 +49,8 @@ DEFAULT_CONFIG = str(ROOT / "configs" / "replication" / "sum2.yaml")
 
 
 def _sibling(name: str):  # noqa: ANN202 - a script module
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    return __import__(name)
+    """Another script of the package, imported when needed (some pull in matplotlib or scipy)."""
+    return importlib.import_module(f"scripts.{name}")
 
 
 def _printed(main, argv: list[str]) -> str:  # noqa: ANN001 - a sibling script's main
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot = _sibling("plot_training")
     plot.plot([runs["GRPO"][1], runs["MGRPO"][1]], ["GRPO", "MGRPO"], out / "training.png", window=5)
     report = {
-        "command": "python scripts/replicate.py " + " ".join(argv),
+        "command": "python -m scripts.replicate " + " ".join(argv),
         "seed": args.seed,
         "steps": args.steps,
         "second_guide": args.second_guide,

@@ -5,7 +5,7 @@ McNemar test of turn 2 against turn 1 (b = #i→c, c = #c→i over all pairs). B
 resampling problems, of the headline's Acc@t2 − the reference's Acc@t1 and Acc@t2, and the same two differences for
 every other arm.
 
-    python scripts/replication_stats.py --arm GRPO=eval/GRPO/test_gsm8k_step0.jsonl \
+    python -m scripts.replication_stats --arm GRPO=eval/GRPO/test_gsm8k_step0.jsonl \
         --arm MGRPO=eval/MGRPO/test_gsm8k_step0.jsonl --reference GRPO --headline MGRPO --json stats.json
 
 McNemar counts every (problem, sample) pair as its own trial; with k > 1 samples the pairs of one problem are

@@ -4,8 +4,8 @@ Each per-problem JSONL row that ``mgrpo test`` writes holds both turns' texts; t
 reward and the turn-2 rule of each ``--reading`` would, and prints the Table-2 rows per reading, with how many
 transitions each reading counts. Nothing is generated, so two readings are compared on the very same samples.
 
-    python scripts/rescore.py docs/replication/eval/MGRPO/test_add_1digit_step0.jsonl
-    python scripts/rescore.py RESULTS.jsonl --reading "old=math_verify:correction" --reading "new=value:final"
+    python -m scripts.rescore docs/replication/eval/MGRPO/test_add_1digit_step0.jsonl
+    python -m scripts.rescore RESULTS.jsonl --reading "old=math_verify:correction" --reading "new=value:final"
 
 A reading is ``NAME=ANSWER_FORMAT:TURN2_SCORING`` (``mgrpo_pl/rewards/reading.py``, ``RolloutConfig.turn2_scoring``);
 the default pair is the reading before the final-answer rules (math-verify's extraction, turn 2 scored on the

@@ -1,4 +1,4 @@
-"""scripts/bench_trl.py end to end on the tiny model: all three parts run and the JSON report is complete.
+"""scripts/bench/trl.py end to end on the tiny model: all three parts run and the JSON report is complete.
 
 No timing is asserted (the machines are shared); only that every figure exists and is a positive number.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_trl.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,7 +30,8 @@ def report(tmp_path_factory, mgrpo_cache_dir) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     cmd = [
         sys.executable,
-        str(SCRIPT),
+        "-m",
+        "scripts.bench.trl",
         "--model=tiny",
         f"--cache-dir={mgrpo_cache_dir}",
         "--steps=1",
@@ -84,8 +85,7 @@ def test_comparison_and_layer2_figures(report):
 def test_every_option_reaches_the_part_subprocesses():
     """Each part runs in a child process: every option of the parent must arrive there unchanged (a device or
     precision flag that stayed behind once made a GPU benchmark train on the CPU)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    import bench_trl
+    from scripts.bench import trl as bench_trl
 
     changed = [
         "--model-dir=/m", "--threads=3", "--steps=4", "--warmup=2", "--num-generations=3", "--prompts-per-step=5",
@@ -102,15 +102,14 @@ def test_every_option_reaches_the_part_subprocesses():
     # Every option the parent has must be one this test changes (so a new option cannot slip through untested).
     untested = {k for k in vars(parent) if k not in orchestration and getattr(parent, k) == getattr(defaults, k)}
     assert not untested, f"give these options a non-default value above: {sorted(untested)}"
-    child = bench_trl.parse_args(bench_trl._child_argv(parent, "grpo", "/r.json")[2:])
+    child = bench_trl.parse_args(bench_trl._child_argv(parent, "grpo", "/r.json")[3:])
     lost = {k: (getattr(parent, k), getattr(child, k)) for k in vars(parent) if k not in orchestration - {"model_dir"}}
     lost = {k: v for k, v in lost.items() if v[0] != v[1]}
     assert not lost, f"options the part subprocess did not receive (parent, child): {lost}"
 
 
 def test_paired_ratios_compare_each_round_with_its_neighbour():
-    sys.path.insert(0, str(SCRIPT.parent))
-    import bench_trl
+    from scripts.bench import trl as bench_trl
 
     rounds = {
         "grpo": [{"steps_per_s": 0.2}, {"steps_per_s": 0.1}, {"steps_per_s": 0.3}],

@@ -1,4 +1,4 @@
-"""scripts/bench_layout.py end to end on the tiny model: every layout runs, does the same work, and the cheaper
+"""scripts/bench/layout.py end to end on the tiny model: every layout runs, does the same work, and the cheaper
 layouts compute fewer positions. No timing is asserted."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_layout.py"
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     "--model=tiny",
     "--problems=2",
@@ -25,7 +25,8 @@ SMALL = [
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "scripts.bench.layout", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,8 @@ def test_eval_table_and_plot_scripts(tiny_model_path, bench_files, tmp_path):
     out = tmp_path / "table"
     cmd = [
         sys.executable,
-        "scripts/eval_table.py",
+        "-m",
+        "scripts.eval_table",
         "--out",
         str(out),
         "--run",

@@ -239,11 +239,7 @@ def test_prefix_tree_cost_is_what_the_collate_computes():
 def test_balanced_prefix_tree_plan_lowers_the_largest_pass():
     """An MGRPO-shaped batch (4 problems x G=4, 2 kept queries each x H=2): greedy packing at 220 tokens leaves
     219 + 73 computed tokens, the balanced plan 146 + 146 with each group still on top of its layer-1 row."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import bench_layout
+    from scripts.bench import layout as bench_layout
 
     args = bench_layout.parse_args(
         "--problems=4 --num-generations=4 --kept-per-problem=2 --num-corrections=2 --prompt-length=6 "

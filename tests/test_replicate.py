@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_replication_script_writes_table_plot_and_report(tiny_model_path, tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import replicate
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    from scripts import replicate
+
     out = tmp_path / "replication"
     work = tmp_path / "work"
     argv = [

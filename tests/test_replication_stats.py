@@ -11,13 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scripts import audit_transitions as audit
+from scripts import replication_stats as stats
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-try:
-    import audit_transitions as audit
-    import replication_stats as stats
-finally:
-    sys.path.remove(str(ROOT / "scripts"))
 
 
 def pairs(spec: list[tuple[str, int, bool, bool]]) -> list[dict]:
@@ -209,10 +206,8 @@ def test_audit_cli_end_to_end(tmp_path):
     rows.append(record(" The answer is 9.", True, True, problem_id="same"))  # no transition: not a case
     path = write_jsonl(tmp_path / "mgrpo.jsonl", rows)
     cases_path = tmp_path / "cases.jsonl"
-    script = str(ROOT / "scripts" / "audit_transitions.py")
-    done = subprocess.run(
-        [sys.executable, script, f"MGRPO={path}", "--cases", str(cases_path)], capture_output=True, text=True, cwd=ROOT
-    )
+    command = [sys.executable, "-m", "scripts.audit_transitions", f"MGRPO={path}", "--cases", str(cases_path)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "| MGRPO | c→i | 1 | 1 | 1 | 2 | 1 | 6 |" in done.stdout
     assert "| MGRPO | i→c | 0 | 0 | 0 | 0 | 1 | 1 |" in done.stdout
@@ -220,5 +215,5 @@ def test_audit_cli_end_to_end(tmp_path):
     assert [c["category"] for c in cases] == [category for _, category in CASES]
     assert cases[3]["stated_t2"] == "8" and cases[-1]["transition"] == "i→c"
 
-    bad = subprocess.run([sys.executable, script, "MGRPO"], capture_output=True, text=True, cwd=ROOT)
+    bad = subprocess.run([*command[:3], "MGRPO"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "arm 'MGRPO'" in bad.stderr

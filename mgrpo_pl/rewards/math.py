@@ -48,27 +48,22 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import re
 import threading
 import time
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from math_verify import parse, verify
-from math_verify.errors import TimeoutException
 from pebble import ProcessPool
 
-from mgrpo_pl.rewards.answers import normalize_gold
 from mgrpo_pl.rewards.base import Reward, RewardError
+from mgrpo_pl.rewards.math_worker import ERROR, KILLED, NO_GOLD, TIMEOUT, WARMUP, init_worker, score_item
 from mgrpo_pl.rewards.reading import AnswerFormat, FinalAnswer, check_answer_format, read_final_answer
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["MathReward"]
-
-_OK, _TIMEOUT, _KILLED, _ERROR, _NO_GOLD = "ok", "timeout", "killed", "error", "no_gold"
 
 logger = logging.getLogger(__name__)
 
@@ -84,96 +79,6 @@ _START_FIX = (
     '`if __name__ == "__main__":`; where there is no script file to import (`python -`, some notebooks) use '
     'MathReward(start_method="fork") or run the code from a file.'
 )
-
-_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
-
-# Parsed once in each new worker so grammar and regex compilation happen outside any task's time limit.
-_WARMUP = (
-    ("so the answer is \\boxed{72}", "#### 72"),
-    ("\\boxed{\\frac{3}{4}}", "0.75"),
-    ("\\boxed{(1, 2]}", "(1,2]"),
-    ("The answer is $x^2+1$.", "\\boxed{1+x^2}"),
-)
-
-
-class _MathVerifyLogCounter(logging.Handler):
-    """Counts the timeouts and errors math-verify swallows (it logs them and returns False / [] instead of raising).
-
-    Counting by message text only affects the statistics, never a score: if a math-verify release rewords its log
-    lines, ``stats()`` under-counts soft timeouts and the tests that watch them fail loudly.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.timeouts = 0
-        self.errors = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.msg if isinstance(record.msg, str) else ""
-        if message.startswith("Timeout during"):
-            self.timeouts += 1
-        elif message.startswith("Error"):
-            self.errors += 1
-
-
-_LOG_COUNTER = _MathVerifyLogCounter()
-
-
-def _init_worker() -> None:
-    """Route math-verify's logging into the counter and warm the parser up. Runs once in each new worker."""
-    mv_logger = logging.getLogger("math_verify")
-    # propagate=False also keeps a 10^6-character input that timed out from being echoed into the training log.
-    mv_logger.handlers[:] = [_LOG_COUNTER]
-    mv_logger.setLevel(logging.DEBUG)
-    mv_logger.propagate = False
-    for completion, answer in _WARMUP:
-        _score_item(completion, answer, 5, "value")
-
-
-def _gold_for_math_verify(answer: str) -> str:
-    """Normalise a gold answer and put it in math delimiters unless it already has some."""
-    gold = normalize_gold(answer)
-    if _UNESCAPED_DOLLAR.search(gold) or "\\(" in gold or "\\[" in gold:
-        return gold
-    return f"${gold}$"
-
-
-def _prediction_text(reading: FinalAnswer) -> str:
-    """The read answer as math-verify is given it: a box stays a box (its sets, units and lists rules), the rest is
-    put in math delimiters, the whole text for the ``math_verify`` reading."""
-    if reading.source == "math_verify":
-        return reading.text
-    if reading.source == "boxed":
-        return f"\\boxed{{{reading.text}}}"
-    return f"${reading.text}$"
-
-
-def _score_item(completion: str, answer: str, soft_timeout_s: int, answer_format: str) -> tuple[float, str]:
-    """Score one completion in a worker. Returns ``(score, outcome)``, outcome one of ok/timeout/error/no_gold."""
-    timeouts_before, errors_before = _LOG_COUNTER.timeouts, _LOG_COUNTER.errors
-    correct = False
-    gold_ok = True
-    try:
-        gold = parse(_gold_for_math_verify(answer), parsing_timeout=soft_timeout_s)
-        gold_ok = bool(gold)
-        reading = read_final_answer(completion, answer_format) if gold_ok else None  # type: ignore[arg-type]
-        if reading is not None and not reading.unevaluated:
-            prediction = parse(_prediction_text(reading), parsing_timeout=soft_timeout_s)
-            correct = bool(prediction) and bool(verify(gold, prediction, timeout_seconds=soft_timeout_s))
-    except TimeoutException:
-        # The alarm can fire just outside math-verify's own handlers.
-        return 0.0, _TIMEOUT
-    except Exception:
-        return 0.0, _ERROR
-    if _LOG_COUNTER.timeouts > timeouts_before:
-        outcome = _TIMEOUT
-    elif _LOG_COUNTER.errors > errors_before:
-        outcome = _ERROR
-    elif not gold_ok:
-        outcome = _NO_GOLD
-    else:
-        outcome = _OK
-    return (1.0 if correct else 0.0), outcome
 
 
 def _stop_pool(pool: ProcessPool) -> None:
@@ -266,7 +171,7 @@ class MathReward(Reward):
             return torch.zeros(0, dtype=torch.float32)
         scores, outcomes = self._score_all([str(c) for c in completions], [str(a) for a in answers])
         self._record(outcomes)
-        no_gold = [str(a) for a, outcome in zip(answers, outcomes) if outcome == _NO_GOLD]
+        no_gold = [str(a) for a, outcome in zip(answers, outcomes) if outcome == NO_GOLD]
         if no_gold:
             # Not silent: such a problem scores 0 whatever the model writes, i.e. it is lost to training.
             logger.warning(
@@ -282,13 +187,13 @@ class MathReward(Reward):
         pool = self._ensure_pool()
         soft = self.soft_timeout_s
         futures = [
-            pool.schedule(_score_item, args=(completion, answer, soft, self.answer_format), timeout=self.timeout_s)
+            pool.schedule(score_item, args=(completion, answer, soft, self.answer_format), timeout=self.timeout_s)
             for completion, answer in zip(completions, answers, strict=True)
         ]
         waves = -(-len(futures) // self.num_workers)
         deadline = time.monotonic() + _POOL_START_ALLOWANCE_S + waves * (self.timeout_s + _RESTART_ALLOWANCE_S)
         scores = [0.0] * len(futures)
-        outcomes = [_ERROR] * len(futures)
+        outcomes = [ERROR] * len(futures)
         first_error: BaseException | None = None
         unscored = 0
         for i, future in enumerate(futures):
@@ -299,11 +204,11 @@ class MathReward(Reward):
                     # Our whole-call backstop rather than pebble's per-item limit; cancelling kills the worker.
                     future.cancel()
                     unscored += 1
-                outcomes[i] = _KILLED
+                outcomes[i] = KILLED
             except Exception as error:
                 # ProcessExpired: the worker died (segfault, OOM kill, a script that fails when a worker imports it);
                 # CancelledError: close() from another thread.
-                outcomes[i] = _ERROR
+                outcomes[i] = ERROR
                 first_error = first_error or error
         if unscored:
             # Each item has a hard limit of timeout_s, so items still pending at the whole-call deadline mean the pool
@@ -319,7 +224,7 @@ class MathReward(Reward):
             # Not silent: a systematic failure would otherwise look like a model that never answers correctly.
             logger.warning(
                 "MathReward: %d of %d items could not be scored and score 0 (first error: %r)",
-                outcomes.count(_ERROR),
+                outcomes.count(ERROR),
                 len(outcomes),
                 first_error,
             )
@@ -344,14 +249,14 @@ class MathReward(Reward):
         ) from error
 
     def _record(self, outcomes: list[str]) -> None:
-        killed = outcomes.count(_KILLED)
-        timeouts = outcomes.count(_TIMEOUT) + killed
+        killed = outcomes.count(KILLED)
+        timeouts = outcomes.count(TIMEOUT) + killed
         with self._lock:
             self._counts["scored"] += len(outcomes)
             self._counts["timeouts"] += timeouts
             self._counts["killed"] += killed
-            self._counts["errors"] += outcomes.count(_ERROR)
-            self._counts["gold_unparsed"] += outcomes.count(_NO_GOLD)
+            self._counts["errors"] += outcomes.count(ERROR)
+            self._counts["gold_unparsed"] += outcomes.count(NO_GOLD)
             self._last_call_timeouts = timeouts
 
     def stats(self) -> dict[str, int]:
@@ -374,7 +279,7 @@ class MathReward(Reward):
                 self._discard_pool_locked()
             if self._pool is None:
                 context = multiprocessing.get_context(self.start_method)
-                self._pool = ProcessPool(max_workers=self.num_workers, initializer=_init_worker, context=context)
+                self._pool = ProcessPool(max_workers=self.num_workers, initializer=init_worker, context=context)
                 # Holds the pool, not self, so an abandoned reward is collected and its workers stopped.
                 self._finalizer = weakref.finalize(self, _stop_pool, self._pool)
             return self._pool
@@ -393,7 +298,7 @@ class MathReward(Reward):
     def _schedule_warmup_item(self):  # noqa: ANN202 - a pebble future
         """Schedule one known-good item; its future tells whether the pool can score at all."""
         return self._ensure_pool().schedule(
-            _score_item, args=(_WARMUP[0][0], _WARMUP[0][1], 1, "value"), timeout=self.timeout_s
+            score_item, args=(WARMUP[0][0], WARMUP[0][1], 1, "value"), timeout=self.timeout_s
         )
 
     def close(self) -> None:

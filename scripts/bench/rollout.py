@@ -11,8 +11,8 @@ up to T new tokens), as one ``generate`` call, like one layer-1 rollout of a tra
   per layer) + the push. The step is an estimate of one layer's work, not a full two-layer MGRPO step.
 
 Examples:
-    python scripts/bench_rollout.py                                   # tiny random model, seconds
-    python scripts/bench_rollout.py --model smollm2-135m-instruct     # the demo model (a few minutes)
+    python -m scripts.bench.rollout                                   # tiny random model, seconds
+    python -m scripts.bench.rollout --model smollm2-135m-instruct     # the demo model (a few minutes)
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ call with a fresh set of N items, so math-verify's small parse cache cannot help
 solutions ending in "#### N". The generator knows which completions are right, so the run also checks the reward.
 
 Usage (from the repository root, or anywhere once the package is installed):
-    PYTHONPATH=. python scripts/reward_throughput.py --n 1000 --workers 2 --timeout 5
+    python -m scripts.bench.rewards --n 1000 --workers 2 --timeout 5
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The two sides of ``scripts/bench_trl.py``: one timed run of mgrpo_pl or of TRL's GRPOTrainer, in this process.
+"""The two sides of ``scripts/bench/trl.py``: one timed run of mgrpo_pl or of TRL's GRPOTrainer, in this process.
 
 ``bench_trl.py`` starts each run in its own subprocess (``--only grpo|trl|mgrpo``) so that peak RSS is per framework;
 see its docstring for what "the same work" means and what differs unavoidably. TRL is imported only inside

@@ -12,9 +12,9 @@ it. The gradients are the same work done three ways, so that difference is float
 up there before it shows up in a training curve.
 
 Examples:
-    python scripts/bench_layout.py                                   # the 30M benchmark model, ~2 minutes
-    python scripts/bench_layout.py --micro-batch-tokens 2048 --rounds 5
-    python scripts/bench_layout.py --model tiny --problems 2 --num-generations 2 --completion-length 8
+    python -m scripts.bench.layout                                   # the 30M benchmark model, ~2 minutes
+    python -m scripts.bench.layout --micro-batch-tokens 2048 --rounds 5
+    python -m scripts.bench.layout --model tiny --problems 2 --num-generations 2 --completion-length 8
 """
 
 from __future__ import annotations
@@ -23,14 +23,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LAYOUTS = ("padded", "shared", "tree")
 # (shared_prefix, prefix_tree) for each layout's EfficiencySettings
@@ -86,10 +83,9 @@ def layout_shape(batch: Any, budget: int, layout: str, pad_id: int) -> tuple[int
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench_runners import prepare_model
-
     from mgrpo_pl.module import MGRPOModule
     from mgrpo_pl.settings import EfficiencySettings, LossSettings
+    from scripts.bench.runners import prepare_model
 
     load_before = list(os.getloadavg())
     torch.set_num_threads(args.threads)
