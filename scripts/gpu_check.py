@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -43,7 +42,6 @@ from mgrpo_pl.rollout.engines import end_token_ids, param_checksum
 from mgrpo_pl.rollout.engines.cpu.decoding import sample_completions
 from mgrpo_pl.rollout.types import RolloutBatch, SamplingConfig
 from mgrpo_pl.settings import EfficiencySettings, LossSettings, OptimSettings
-
 
 # (name, precision, share_weights, strategy) of the training checks.
 FITS = [

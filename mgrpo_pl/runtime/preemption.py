@@ -8,7 +8,7 @@ and on SLURM a requeued job resumes from it with no flag at all. ``mgrpo`` then 
 
 The step in flight is finished, not abandoned: its rollouts are on-policy for the weights it started from, and the
 checkpoint then holds the optimizer, the data position and every random stream after it, so the resumed run's
-steps equal the uninterrupted run's (``tests/test_preemption.py``).
+steps equal the uninterrupted run's (``tests/e2e/test_preemption.py``).
 """
 
 from __future__ import annotations

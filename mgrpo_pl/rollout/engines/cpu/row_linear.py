@@ -43,9 +43,9 @@ from mgrpo_pl.modeling.swiglu import is_swiglu_mlp, weight_is_direct
 
 __all__ = ["MAX_ROWS", "decode_linears", "onednn_available"]
 
-# Above this the stock kernel is as fast. Where the two cross moved between sessions on the same machine (session 6:
-# from 96 rows on; session 7: 512 -> 4096 with 64 rows favoured F.linear over the product plus its copy), and whole
-# rollouts with a limit of 32, 48 or 64 took the same time within noise.
+# Above this the stock kernel is as fast. Where the two cross moves between runs on the same machine (from 96 rows
+# on in one, F.linear ahead at 64 rows for a 512 -> 4096 layer in another), and whole rollouts with a limit of 32,
+# 48 or 64 took the same time within noise.
 MAX_ROWS = 64
 
 

@@ -7,12 +7,9 @@ import csv
 import json
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
 def test_replication_script_writes_table_plot_and_report(tiny_model_path, tmp_path):
     from scripts import replicate
 

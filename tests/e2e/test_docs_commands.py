@@ -11,7 +11,7 @@ import pytest
 
 from mgrpo_pl.cli import cli_main, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SOURCES = [
     REPO / "README.md",
     *sorted((REPO / "docs").glob("*.md")),

@@ -17,7 +17,7 @@ import pytest
 
 from mgrpo_pl.rewards import MathReward
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

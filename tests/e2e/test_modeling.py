@@ -300,7 +300,6 @@ def test_missing_packages_name_the_pip_command(monkeypatch):
         gguf_convert.convert_gguf_to_hf("unused.gguf", "unused")
 
 
-@pytest.mark.slow
 def test_smollm2_conversion(smollm2_path):
     start = time.perf_counter()
     tokenizer = load_tokenizer(smollm2_path)

@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mgrpo_pl.cli import cli_main
 
-CONFIG_DIR = Path(__file__).parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("**/*.yaml"))
 
 
@@ -106,13 +106,8 @@ def test_test_command_reports_both_turns(fit_run, tiny_model_path, capsys):
 
 
 def test_plot_script_draws_the_training_curves(fit_run, tmp_path):
-    import importlib.util
+    from scripts import plot_training
 
-    spec = importlib.util.spec_from_file_location(
-        "plot_training", Path(__file__).parent.parent / "scripts" / "plot_training.py"
-    )
-    plot_training = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_training)
     out = tmp_path / "curves.png"
     drawn = plot_training.plot([str(fit_run / "lightning_logs" / "version_0")], ["tiny"], out, window=2)
     assert {"transitions/acc_t1", "transitions/acc_t2", "transitions/delta_i2c", "transitions/delta_c2i"} <= set(drawn)

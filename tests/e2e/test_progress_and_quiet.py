@@ -16,7 +16,7 @@ from resume_runs import scalars
 from mgrpo_pl.cli import cli_main
 from mgrpo_pl.runtime import quiet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LINE = re.compile(
     r"^step (\d+)/3 \| [\d.]+ s \| \d+ gen tok/s \| reward ([\d.]+) \| Acc@t1 ([\d.]+) Acc@t2 ([\d.]+) \| kept (\d+) "
     r"\(running means\)$"

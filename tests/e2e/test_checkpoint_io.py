@@ -11,7 +11,7 @@ from mgrpo_pl.cli import cli_main
 from mgrpo_pl.runtime import checkpoint_io
 from mgrpo_pl.runtime.checkpoint_io import StreamingCheckpointIO
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_saves_what_loads_back(tmp_path):

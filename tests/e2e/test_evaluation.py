@@ -18,7 +18,7 @@ from mgrpo_pl.metrics.report import csv_table, load_records, markdown_table, sum
 from mgrpo_pl.rewards import read_final_answer
 from mgrpo_pl.rollout.types import EvalBatch
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write(path, rows):

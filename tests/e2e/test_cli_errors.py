@@ -11,7 +11,7 @@ import torch
 
 from mgrpo_pl.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _mgrpo(capsys, tiny_model_path, root, *flags, command="fit", config="configs/tiny.yaml"):

@@ -6,7 +6,7 @@ Cases tested elsewhere, not repeated here:
 
 - dataset loaders, row by row (missing file, empty or blank file, invalid JSON, a missing field naming the fields the
   row has, GSM8K answer without ``####``, no ``\\boxed{}``, empty answer, wrong types, duplicate ids, skipped rows
-  counted in a ``SkipReport`` and a warning, a file with no usable row): ``tests/test_problems.py``;
+  counted in a ``SkipReport`` and a warning, a file with no usable row): ``tests/unit/test_problems.py``;
 - G < 2 through the CLI: ``test_cli.py::test_contradictory_flag_names_the_flag``;
 - ``--model.loss.beta`` < 0, ``--model.temperature`` 0 and ``--model.loss.tis_cap`` < 1 in the constructor:
   ``test_module_loss.py::test_constructor_errors_name_the_flag`` and ``::test_tis_cap_below_one_names_the_flag``;
@@ -41,7 +41,7 @@ from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.rollout.types import RolloutBatch
 from mgrpo_pl.settings import LossSettings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODES = [m.value for m in LossAggregation]
 
 

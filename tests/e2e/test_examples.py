@@ -10,7 +10,7 @@ import pytest
 
 from mgrpo_pl.cli import main
 
-COUNTDOWN = Path(__file__).resolve().parents[1] / "examples" / "countdown"
+COUNTDOWN = Path(__file__).resolve().parents[2] / "examples" / "countdown"
 
 
 @pytest.fixture

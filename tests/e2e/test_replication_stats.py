@@ -14,7 +14,7 @@ import pytest
 from scripts import audit_transitions as audit
 from scripts import replication_stats as stats
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pairs(spec: list[tuple[str, int, bool, bool]]) -> list[dict]:

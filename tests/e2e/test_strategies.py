@@ -30,7 +30,7 @@ from mgrpo_pl.rollout.types import SamplingConfig
 from mgrpo_pl.strategies import gpu_requirement
 from plugin_rewards import ParityReward
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 
 # Every value that depends only on the rollouts: must be equal, not close.
@@ -94,7 +94,6 @@ def single(tiny_model_path, tmp_path_factory):
     return _mgrpo_fit(tmp_path_factory.mktemp("single"), tiny_model_path, "--data.batch_size=4")
 
 
-@pytest.mark.slow
 def test_ddp_matches_single_process(single, tiny_model_path, tmp_path):
     got = _mgrpo_fit(
         tmp_path,
@@ -105,7 +104,6 @@ def test_ddp_matches_single_process(single, tiny_model_path, tmp_path):
     _assert_same_run(got, single)
 
 
-@pytest.mark.slow
 def test_fsdp2_matches_single_process(single, tiny_model_path, tmp_path):
     # By default under FSDP2 the engine keeps its own whole copy, refreshed from the sharded policy with
     # full_tensor() every step (RolloutCallback's share_weights=None).
@@ -130,7 +128,6 @@ def early_ending_model(tiny_model_path, tmp_path):
     return folder
 
 
-@pytest.mark.slow
 def test_fsdp2_shared_engine_does_not_deadlock_on_different_lengths(early_ending_model, tmp_path):
     """Generation with the sharded policy itself: per-rank lengths, prompt counts and chunk counts all differ."""
     overlay = tmp_path / "shared_engine.yaml"
