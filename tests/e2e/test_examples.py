@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mgrpo_pl.cli import main
 
@@ -66,3 +67,31 @@ def test_countdown_trains_from_its_folder(in_countdown, tiny_model_path, tmp_pat
     out = capsys.readouterr().out
     assert "train rollouts (all steps)" in out and "val/countdown" in out
     assert [line.split(" |")[0] for line in out.splitlines() if line.startswith("step ")] == ["step 1/2", "step 2/2"]
+
+
+OWN_MODULE = Path(__file__).resolve().parents[2] / "examples" / "own_module"
+
+
+def test_own_module_example_trains_and_validates_two_turns(tiny_model_path, tmp_path, monkeypatch):
+    """The example's own LightningModule and DataModule, with mgrpo_pl's parts, train 2 steps on the tiny model from
+    the example's folder, move the policy (no weight decay: only a non-zero policy gradient moves it), and log the
+    two-turn validation. The parity reward gives a random model's groups non-zero advantages."""
+    from transformers import AutoModelForCausalLM
+
+    from plugin_rewards import ParityReward
+
+    monkeypatch.chdir(OWN_MODULE)
+    monkeypatch.setattr(sys, "path", [str(OWN_MODULE), *sys.path])
+    from grpo import main as own_main
+
+    reward = ParityReward()
+    module = own_main(["--model", str(tiny_model_path), "--steps", "2", "--root", str(tmp_path)], reward=reward)
+    # 2 steps x 2 problems x G=4 samples, then the 4 validation problems' two turns.
+    assert [len(call) for call in reward.calls] == [8, 8, 4, 4]
+    metrics = module.trainer.callback_metrics
+    assert module.trainer.global_step == 2
+    assert {"train/loss", "val/acc_t1", "val/acc_t2", "val/delta_i2c", "val/delta_c2i"} <= set(metrics)
+    assert 0.0 <= float(metrics["val/acc_t1"]) <= 1.0 and 0.0 <= float(metrics["val/acc_t2"]) <= 1.0
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict()
+    moved = [n for n, p in module.policy.state_dict().items() if not torch.equal(p, start[n])]
+    assert moved, "two optimizer steps changed no weight"
