@@ -15,7 +15,7 @@ from pathlib import Path
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from mgrpo_pl.metrics import SelfCorrectionMetrics
+from mgrpo_pl.metrics import SelfCorrectionMetrics, pair_values, turn_pairs
 from mgrpo_pl.rollout.types import EvalBatch
 
 
@@ -38,19 +38,24 @@ class TwoTurnEvaluation(LightningModule):
             raise TypeError(f"{stage}_step expects an EvalBatch from MGRPODataModule, got {type(batch).__name__}")
         name = self._eval_name(stage, dataloader_idx)
         key = f"{stage}_{name}"
-        if key not in self.eval_metrics:
-            self.eval_metrics[key] = SelfCorrectionMetrics().to(self.device)
-        metric = self.eval_metrics[key]
-        metric.update(batch.correct_t1, batch.correct_t2)
+        correct = batch.correct
+        # One metric per turn pair: (1, 2) under the set's key, the later pairs of an N-turn evaluation beside it.
+        for first, second in turn_pairs(len(correct)):
+            pair = key if (first, second) == (1, 2) else f"{key}__t{first}_t{second}"
+            if pair not in self.eval_metrics:
+                self.eval_metrics[pair] = SelfCorrectionMetrics().to(self.device)
+            self.eval_metrics[pair].update(correct[first - 1], correct[second - 1])
         self._eval_records[key].extend(batch.records)
 
     def _eval_epoch_end(self, stage: str) -> None:
-        for key in [k for k in self.eval_metrics if k.startswith(f"{stage}_")]:
-            metric = self.eval_metrics[key]
+        for key in [k for k in self.eval_metrics if k.startswith(f"{stage}_") and "__t" not in k]:
             name = key[len(stage) + 1 :]
-            values = metric.compute()
+            values: dict[str, object] = {}
+            for pair in [key, *sorted(k for k in self.eval_metrics if k.startswith(f"{key}__t"))]:
+                first, second = (1, 2) if pair == key else map(int, pair.rsplit("__t", 1)[1].split("_t"))
+                values.update(pair_values(first, second, self.eval_metrics[pair].compute()))
+                self.eval_metrics[pair].reset()
             self.log_dict({f"{stage}/{name}/{k}": v for k, v in values.items()}, sync_dist=False)
-            metric.reset()
             self._write_records(key, name, stage)
 
     def _write_records(self, key: str, name: str, stage: str) -> None:

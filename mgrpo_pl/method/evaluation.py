@@ -1,5 +1,6 @@
-"""The two-turn evaluation: turn 1 answers each problem, turn 2 continues ``q ⊕ o ⊕ guide`` (or asks in a new user
-turn), and both turns are scored, giving Acc@t1, Acc@t2 and the i->c / c->i transitions per problem.
+"""The multi-turn evaluation: turn 1 answers each problem, turn 2 continues ``q ⊕ o ⊕ guide`` (or asks in a new user
+turn), and both turns are scored, giving Acc@t1, Acc@t2 and the i->c / c->i transitions per problem. With
+``eval_turns`` N > 2, turns 3..N each continue the previous one the same way.
 
 Evaluation draws from no stream training uses: its results do not depend on when in training it runs.
 """
@@ -11,11 +12,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from mgrpo_pl.method.parts import RolloutParts
 from mgrpo_pl.rewards.reading import FinalAnswer
 from mgrpo_pl.rollout.engines.base import GenerationEngine
-from mgrpo_pl.rollout.types import EvalBatch
+from mgrpo_pl.rollout.types import EvalBatch, Generation
 
 if TYPE_CHECKING:
     from mgrpo_pl.data.loaders import Problem
@@ -24,18 +26,17 @@ if TYPE_CHECKING:
 class TwoTurnEvaluator(RolloutParts):
     """``evaluate``: both turns of every problem, scored, with one record per (problem, sample) for auditing."""
 
-    def _new_turn_query(self, problem: Problem, answer: str) -> list[int]:
-        """The conversation user(q), assistant(o), user(eval_guide), ready for the assistant's second turn."""
+    def _new_turn_query(self, problem: Problem, answer: str | Sequence[str]) -> list[int]:
+        """The conversation user(q), then assistant(o_j), user(eval_guide) for each earlier turn's answer, ready for
+        the assistant's next turn."""
         c = self.config
         if not self.tokenizer.chat_template:
             raise ValueError("--data.rollout.eval_turn2=new_turn needs a tokenizer with a chat template")
         messages = [{"role": "system", "content": c.system_prompt}] if c.system_prompt else []
         question = f"{problem.question}\n{c.instruction}" if c.instruction else problem.question
-        messages += [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": answer},
-            {"role": "user", "content": c.eval_guide},
-        ]
+        messages.append({"role": "user", "content": question})
+        for text in [answer] if isinstance(answer, str) else answer:
+            messages += [{"role": "assistant", "content": text}, {"role": "user", "content": c.eval_guide}]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -96,12 +97,64 @@ class TwoTurnEvaluator(RolloutParts):
             }
             for i in range(len(answers))
         ]
+        later = self._later_turns(engine, problems, queries, second, scored, read2, kept_t1, records, generator)
         return EvalBatch(
             problem_ids=[problems[i // k].id for i in range(len(answers))],
             correct_t1=ok1,
             correct_t2=ok2,
             records=records,
+            correct_later=later,
         )
+
+    def _later_turns(
+        self,
+        engine: GenerationEngine,
+        problems: Sequence[Problem],
+        queries: list[list[int]],
+        previous: Generation,
+        scored: list[str],
+        read: list[FinalAnswer | None],
+        kept: list[bool],
+        records: list[dict[str, object]],
+        generator: torch.Generator,
+    ) -> list[Tensor]:
+        """Turns 3..``eval_turns``: turn t continues turn t-1's query and answer with the guide phrase again (or asks
+        once more in a new user turn), and is scored as turn 2 is, against turn t-1's judged text. Adds each turn's
+        fields to ``records``; returns each turn's correctness."""
+        c = self.config
+        k = c.eval_samples
+        flag = "--data.rollout.eval_sampling.max_new_tokens"
+        sources = ["turn1" if kept[i] else "turn2" for i in range(len(records))]
+        texts = [[str(r["turn1"]), str(r["turn2"])] for r in records]
+        correct: list[Tensor] = []
+        for turn in range(3, c.eval_turns + 1):
+            if c.eval_turn2 == "new_turn":
+                queries = [self._new_turn_query(problems[i // k], texts[i]) for i in range(len(records))]
+                guides = [self.eval_guide_index] * len(records)
+            else:  # q ⊕ o_1 ⊕ guide ⊕ ... ⊕ o_{t-1} ⊕ guide, one assistant turn
+                queries, guides = self._queries(
+                    engine, queries, previous, 1, self.eval_guide_index, generator=generator
+                )
+            labels = [f"turn-{turn} query of problem {problems[i // k].id!r}" for i in range(len(queries))]
+            self._check_context(engine, queries, c.eval_sampling.max_new_tokens, labels, flag)
+            previous = engine.generate(queries, c.eval_sampling, n=1)
+            scored, kept = self._turn2_texts(scored, guides, previous)
+            ok = self._score(scored, [p.answer for p in problems for _ in range(k)]) >= c.correct_threshold
+            read = [read[i] if kept[i] else self.final_answer(scored[i]) for i in range(len(scored))]
+            for i, record in enumerate(records):
+                sources[i] = sources[i] if kept[i] else f"turn{turn}"
+                texts[i].append(previous.texts[i])
+                record.update(
+                    {
+                        f"turn{turn}": previous.texts[i],
+                        f"answer_t{turn}": _answer_text(read[i]),
+                        f"answer_t{turn}_from": sources[i],
+                        f"finished_t{turn}": bool(previous.finished[i]),
+                        f"correct_t{turn}": bool(ok[i]),
+                    }
+                )
+            correct.append(ok)
+        return correct
 
 
 def _answer_text(answer: FinalAnswer | None) -> str | None:

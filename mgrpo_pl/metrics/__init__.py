@@ -15,7 +15,9 @@ from mgrpo_pl.metrics.transitions import (
     DeltaT1T2,
     IncorrectToCorrectRate,
     SelfCorrectionMetrics,
+    pair_values,
     self_correction_collection,
+    turn_pairs,
 )
 
 __all__ = [
@@ -28,5 +30,7 @@ __all__ = [
     "DeltaT1T2",
     "IncorrectToCorrectRate",
     "SelfCorrectionMetrics",
+    "pair_values",
     "self_correction_collection",
+    "turn_pairs",
 ]

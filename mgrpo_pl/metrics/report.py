@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mgrpo_pl.metrics import SelfCorrectionMetrics
+from mgrpo_pl.metrics import SelfCorrectionMetrics, pair_values, turn_pairs
 
 COLUMNS = (
     ("acc_t1", "Acc.@t1"),
@@ -50,13 +50,17 @@ def summarize(records: Iterable[dict[str, object]]) -> dict[str, float]:
         passes[int(row.get("sample", 0))].append(row)
     if not passes:
         raise ValueError("no evaluation records to summarize")
+    turns = 2
+    while all(f"correct_t{turns + 1}" in row for rows in passes.values() for row in rows):
+        turns += 1
     per_pass = []
     for rows in passes.values():
-        metric = SelfCorrectionMetrics()
-        metric.update(
-            torch.tensor([bool(r["correct_t1"]) for r in rows]), torch.tensor([bool(r["correct_t2"]) for r in rows])
-        )
-        per_pass.append({k: float(v) for k, v in metric.compute().items()})
+        values: dict[str, float] = {}
+        for first, second in turn_pairs(turns):
+            metric = SelfCorrectionMetrics()
+            metric.update(*(torch.tensor([bool(r[f"correct_t{t}"]) for r in rows]) for t in (first, second)))
+            values.update({k: float(v) for k, v in pair_values(first, second, metric.compute()).items()})
+        per_pass.append(values)
     out: dict[str, float] = {"n": float(len(next(iter(passes.values())))), "samples": float(len(passes))}
     for key in per_pass[0]:
         values = [p[key] for p in per_pass]
@@ -72,19 +76,38 @@ def _percent(summary: dict[str, float], key: str) -> str:
     return text
 
 
+def columns(summaries: Iterable[dict[str, float]]) -> list[tuple[str, str]]:
+    """The paper's five columns, then, when every summary has turns past the second, each later turn's accuracy and
+    the i->c / c->i shares of each later pair (consecutive, then t1 -> tN)."""
+    summaries = list(summaries)
+    turns = 2
+    while summaries and all(f"acc_t{turns + 1}" in s for s in summaries):
+        turns += 1
+    extra = []
+    for first, second in turn_pairs(turns)[1:]:
+        if second == first + 1:
+            extra.append((f"acc_t{second}", f"Acc.@t{second}"))
+        extra += [
+            (f"delta_i2c_t{first}_t{second}", f"Δi→c(t{first},t{second})"),
+            (f"delta_c2i_t{first}_t{second}", f"Δc→i(t{first},t{second})"),
+        ]
+    return [*COLUMNS, *extra]
+
+
 def markdown_table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
-    """Rows of (benchmark, method, summary) as the paper's Table 2, in percent."""
-    header = "| Benchmark | Method | " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    """Rows of (benchmark, method, summary) as the paper's Table 2, in percent (more columns past two turns)."""
+    cols = columns(summary for _, _, summary in rows)
+    header = "| Benchmark | Method | " + " | ".join(title for _, title in cols) + " |"
+    lines = [header, "|" + "---|" * (len(cols) + 2)]
     for bench, method, summary in rows:
-        lines.append(f"| {bench} | {method} | " + " | ".join(_percent(summary, k) for k, _ in COLUMNS) + " |")
+        lines.append(f"| {bench} | {method} | " + " | ".join(_percent(summary, k) for k, _ in cols) + " |")
     return "\n".join(lines)
 
 
 def csv_table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
     """The same rows as CSV with fractions (not percent), stds and counts."""
     buffer = io.StringIO()
-    keys = [k for k, _ in COLUMNS]
+    keys = [k for k, _ in columns(summary for _, _, summary in rows)]
     writer = csv.writer(buffer)
     writer.writerow(["benchmark", "method", *keys, *[f"{k}_std" for k in keys], "n", "samples"])
     for bench, method, s in rows:

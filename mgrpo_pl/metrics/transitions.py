@@ -217,3 +217,23 @@ def self_correction_collection(prefix: str = "", **metric_kwargs: Any) -> Metric
         **metric_kwargs: passed to every member (e.g. ``sync_on_compute=False``).
     """
     return MetricCollection({key: cls(**metric_kwargs) for key, cls in SCALAR_METRICS.items()}, prefix=prefix)
+
+
+def turn_pairs(turns: int) -> list[tuple[int, int]]:
+    """The (earlier, later) turn pairs an N-turn evaluation reports: each consecutive pair, then (1, N) when N > 2."""
+    pairs = [(t - 1, t) for t in range(2, turns + 1)]
+    return pairs + [(1, turns)] if turns > 2 else pairs
+
+
+def pair_values(first: int, second: int, values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``SelfCorrectionMetrics`` values of turns (first, second) under names that say which turns.
+
+    (1, 2) keeps the paper's names (``acc_t1``, ``delta_i2c`` ...). Another pair adds ``acc_t<second>`` when the turns
+    are consecutive (the accuracies of earlier turns come with earlier pairs) and ``<name>_t<first>_t<second>`` for
+    the rest: ``delta_i2c_t2_t3`` is the share of problems wrong at turn 2 and right at turn 3.
+    """
+    if (first, second) == (1, 2):
+        return dict(values)
+    out = {f"acc_t{second}": values["acc_t2"]} if second == first + 1 else {}
+    out.update({f"{k}_t{first}_t{second}": v for k, v in values.items() if not k.startswith("acc_")})
+    return out

@@ -61,6 +61,8 @@ class RolloutConfig:
             and the problem, so evaluation never touches training's random streams.
         eval_turn2: ``continue`` (MGRPO's protocol: the guide continues the assistant turn) or ``new_turn`` (the
             guide is a new user message after the turn-1 answer, as in intrinsic self-correction baselines).
+        eval_turns: Turns per problem at evaluation (>= 2): turn t continues turn t-1 with the evaluation phrase
+            again, giving Acc@t1 ... Acc@tN and the transitions of each consecutive pair and of t1 -> tN.
         seed: Seed of the guide-phrase draws.
         seed_per_problem: Draw every problem's samples and guide phrases from a generator seeded by
             ``(seed, step, problem id)``, so a problem gets the same rollout whichever rank or batch it lands in
@@ -89,10 +91,15 @@ class RolloutConfig:
     eval_samples: int = 1
     eval_guide: str | None = DEFAULT_EVAL_GUIDE
     eval_turn2: Literal["continue", "new_turn"] = "continue"
+    eval_turns: int = 2
     seed: int = 0
     seed_per_problem: bool = False
 
     def __post_init__(self) -> None:
+        if self.eval_turns < 2:
+            raise ConfigError(
+                f"--data.rollout.eval_turns must be >= 2 (turn 1 and a correction), got {self.eval_turns}"
+            )
         if self.num_generations < 2:
             raise ConfigError(
                 f"--data.rollout.num_generations (G) must be >= 2 for group-relative advantages, got "

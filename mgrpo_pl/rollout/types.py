@@ -138,16 +138,28 @@ class EvalBatch:
         problem_ids: Id of each row's problem.
         correct_t1: [M] bool, turn-1 answer correct.
         correct_t2: [M] bool, turn-2 (self-corrected) answer correct.
-        records: One dict per row (problem, answer, both turns' text and correctness) for the JSONL report.
+        records: One dict per row (problem, answer, every turn's text and correctness) for the JSONL report.
+        correct_later: [M] bool per turn after the second (turns 3..N of an ``eval_turns`` N evaluation).
     """
 
     problem_ids: list[str]
     correct_t1: Tensor
     correct_t2: Tensor
     records: list[dict[str, object]]
+    correct_later: list[Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.problem_ids)
 
     def to(self, device: torch.device | str) -> EvalBatch:
-        return replace(self, correct_t1=self.correct_t1.to(device), correct_t2=self.correct_t2.to(device))
+        return replace(
+            self,
+            correct_t1=self.correct_t1.to(device),
+            correct_t2=self.correct_t2.to(device),
+            correct_later=[c.to(device) for c in self.correct_later],
+        )
+
+    @property
+    def correct(self) -> list[Tensor]:
+        """Every turn's correctness, turn 1 first."""
+        return [self.correct_t1, self.correct_t2, *self.correct_later]

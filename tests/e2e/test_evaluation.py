@@ -236,3 +236,35 @@ def test_hand_counted_transitions_through_evaluation_and_table(tmp_path):
     (line,) = csv.DictReader(io.StringIO(csv_table([("bench", "MGRPO", summary)])))
     for key in ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i"):
         assert float(line[key]) == pytest.approx(HAND[key], abs=1e-7), key
+
+
+def test_three_turn_evaluation_logs_every_pair_from_the_jsonl(tiny_model_path, tmp_path):
+    """`mgrpo test` with --data.rollout.eval_turns=3: the JSONL holds turn 3, and every logged figure of the later
+    pairs equals a hand count over its rows; the two-turn names keep their meaning."""
+    cli = cli_main(
+        [
+            "test",
+            "--config",
+            "configs/tiny.yaml",
+            f"--model.model={tiny_model_path}",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--model.results_dir={tmp_path}",
+            "--data.reward=plugin_rewards.ParityReward",
+            "--data.rollout.eval_turns=3",
+            "--data.rollout.eval_samples=4",
+        ]
+    )
+    logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    records = load_records(next(tmp_path.glob("test_arith_test_step0.jsonl")))
+    assert len(records) == 16 and all("turn3" in r and "answer_t3_from" in r for r in records)
+    n = len(records)
+    for key, value in _expected(records).items():  # turns 1 -> 2 under the paper's names
+        assert logged[f"test/arith_test/{key}"] == pytest.approx(value, abs=1e-6), key
+    assert logged["test/arith_test/acc_t3"] == pytest.approx(sum(r["correct_t3"] for r in records) / n, abs=1e-6)
+    for a, b in ((2, 3), (1, 3)):
+        i2c = sum((not r[f"correct_t{a}"]) and r[f"correct_t{b}"] for r in records) / n
+        c2i = sum(r[f"correct_t{a}"] and not r[f"correct_t{b}"] for r in records) / n
+        assert logged[f"test/arith_test/delta_i2c_t{a}_t{b}"] == pytest.approx(i2c, abs=1e-6), (a, b)
+        assert logged[f"test/arith_test/delta_c2i_t{a}_t{b}"] == pytest.approx(c2i, abs=1e-6), (a, b)
+    header = markdown_table([("arith", "tiny", summarize(records))]).splitlines()[0]
+    assert "Acc.@t3" in header and "Δi→c(t2,t3)" in header and "Δc→i(t1,t3)" in header
