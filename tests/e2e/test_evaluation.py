@@ -67,20 +67,21 @@ def _expected(records):
     return {"acc_t1": c1 / n, "acc_t2": c2 / n, "delta_i2c": i2c / n, "delta_c2i": c2i / n, "delta": (i2c - c2i) / n}
 
 
+def _parity_test(tiny_model_path, root, *flags):
+    """`mgrpo test` on the tiny config with the parity reward (a random model's turns differ), results under root."""
+    args = ["test", "--config", "configs/tiny.yaml", f"--model.model={tiny_model_path}"]
+    args += [
+        f"--trainer.default_root_dir={root}",
+        f"--model.results_dir={root}",
+        "--data.reward=plugin_rewards.ParityReward",
+    ]
+    return cli_main([*args, *flags])
+
+
 def test_two_benchmarks_logged_metrics_match_the_jsonl(tiny_model_path, bench_files, tmp_path):
     gsm, math = bench_files
-    cli = cli_main(
-        [
-            "test",
-            "--config",
-            "configs/tiny.yaml",
-            f"--model.model={tiny_model_path}",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--model.results_dir={tmp_path}",
-            f"--data.test={_test_sets(gsm, math)}",
-            "--data.reward=plugin_rewards.ParityReward",
-            "--data.rollout.eval_samples=2",
-        ]
+    cli = _parity_test(
+        tiny_model_path, tmp_path, f"--data.test={_test_sets(gsm, math)}", "--data.rollout.eval_samples=2"
     )
     logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     for name, n_problems, ids in (("gsm", 5, "gsm:1"), ("m500", 4, "test/x/1.json")):
@@ -241,19 +242,7 @@ def test_hand_counted_transitions_through_evaluation_and_table(tmp_path):
 def test_three_turn_evaluation_logs_every_pair_from_the_jsonl(tiny_model_path, tmp_path):
     """`mgrpo test` with --data.rollout.eval_turns=3: the JSONL holds turn 3, and every logged figure of the later
     pairs equals a hand count over its rows; the two-turn names keep their meaning."""
-    cli = cli_main(
-        [
-            "test",
-            "--config",
-            "configs/tiny.yaml",
-            f"--model.model={tiny_model_path}",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--model.results_dir={tmp_path}",
-            "--data.reward=plugin_rewards.ParityReward",
-            "--data.rollout.eval_turns=3",
-            "--data.rollout.eval_samples=4",
-        ]
-    )
+    cli = _parity_test(tiny_model_path, tmp_path, "--data.rollout.eval_turns=3", "--data.rollout.eval_samples=4")
     logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     records = load_records(next(tmp_path.glob("test_arith_test_step0.jsonl")))
     assert len(records) == 16 and all("turn3" in r and "answer_t3_from" in r for r in records)
