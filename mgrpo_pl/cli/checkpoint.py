@@ -44,7 +44,31 @@ def read_hparams(path: str, weights_only: bool) -> dict[str, Any]:
         raise CheckpointError(f"--ckpt_path {path}: not a Lightning checkpoint (a {type(ckpt).__name__})")
     hparams = dict(ckpt.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
-    return hparams
+    return grouped(hparams)
+
+
+# Where the settings of checkpoints written before the settings were grouped (mgrpo_pl.settings) live now.
+FLAT_TO_GROUPED = {
+    **{k: ("loss", k) for k in ("beta", "clip_eps", "clip_eps_high", "layer2_weight", "norm_length", "tis_cap")},
+    "mask_truncated": ("loss", "mask_truncated"),
+    "loss_aggregation": ("loss", "aggregation"),
+    **{
+        k: ("efficiency", k)
+        for k in ("micro_batch_tokens", "shared_prefix", "prefix_tree", "gradient_checkpointing")
+        + ("memory_efficient_mlp", "reference_dtype")
+    },
+    **{k: ("optim", k) for k in ("lr_schedule", "warmup_ratio", "min_lr_ratio", "max_grad_norm")},
+}
+
+
+def grouped(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyper-parameters with any flat setting of the earlier layout moved into its group."""
+    out = {k: v for k, v in hparams.items() if k not in FLAT_TO_GROUPED}
+    for key, value in hparams.items():
+        if key in FLAT_TO_GROUPED:
+            group, name = FLAT_TO_GROUPED[key]
+            out.setdefault(group, {})[name] = value
+    return out
 
 
 def resolve(

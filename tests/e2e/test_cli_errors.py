@@ -138,6 +138,30 @@ def test_other_flags_win_over_the_checkpoint_with_a_warning(tiny_model_path, tmp
     assert cli.model.loss_settings.clip_eps == 0.3 and json.dumps(cli.model.loss_settings.beta) == "0.001"
 
 
+def test_a_checkpoint_with_flat_settings_is_read_into_groups(tiny_model_path, tmp_path, trained, trainer_test_calls):
+    """Checkpoints written before the settings were grouped keep working: flat keys go to their groups."""
+    from mgrpo_pl.cli import cli_main
+
+    saved = torch.load(trained, weights_only=True)
+    hparams = saved["hyper_parameters"]
+    flat = {k: v for k, v in hparams.items() if k not in ("loss", "efficiency", "optim")}
+    flat |= {**hparams["loss"], **hparams["efficiency"], **hparams["optim"]}
+    flat["loss_aggregation"] = flat.pop("aggregation")
+    # Settings configs/tiny.yaml leaves at their defaults, so the checkpoint's values apply.
+    flat |= {"clip_eps_high": 0.3, "norm_length": 7, "memory_efficient_mlp": False, "min_lr_ratio": 0.2}
+    saved["hyper_parameters"] = flat
+    torch.save(saved, tmp_path / "flat.ckpt")
+    args = ["test", "--config", str(REPO / "configs/tiny.yaml"), f"--model.model={tiny_model_path}"]
+    cli = cli_main([*args, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={tmp_path / 'flat.ckpt'}"])
+    loss, efficiency, optim = cli.model.loss_settings, cli.model.efficiency, cli.model.optim
+    assert (loss.clip_eps_high, loss.norm_length, efficiency.memory_efficient_mlp, optim.min_lr_ratio) == (
+        0.3,
+        7,
+        False,
+        0.2,
+    )
+
+
 def test_help_says_what_mgrpo_is_and_lists_its_own_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
