@@ -28,6 +28,7 @@ class TwoTurnEvaluation(LightningModule):
         self.results_dir = results_dir
         self.eval_metrics = nn.ModuleDict()
         self._eval_records: dict[str, list[dict[str, object]]] = defaultdict(list)
+        self._eval_turns: dict[str, int] = {}  # turns per evaluated set, from its batches
 
     def _eval_name(self, stage: str, dataloader_idx: int) -> str:
         names = getattr(self.trainer.datamodule, f"{stage}_names", None) if self._trainer is not None else None
@@ -39,22 +40,22 @@ class TwoTurnEvaluation(LightningModule):
         name = self._eval_name(stage, dataloader_idx)
         key = f"{stage}_{name}"
         correct = batch.correct
-        # One metric per turn pair: (1, 2) under the set's key, the later pairs of an N-turn evaluation beside it.
+        self._eval_turns[key] = len(correct)
         for first, second in turn_pairs(len(correct)):
-            pair = key if (first, second) == (1, 2) else f"{key}__t{first}_t{second}"
+            pair = _pair_key(key, first, second)
             if pair not in self.eval_metrics:
                 self.eval_metrics[pair] = SelfCorrectionMetrics().to(self.device)
             self.eval_metrics[pair].update(correct[first - 1], correct[second - 1])
         self._eval_records[key].extend(batch.records)
 
     def _eval_epoch_end(self, stage: str) -> None:
-        for key in [k for k in self.eval_metrics if k.startswith(f"{stage}_") and "__t" not in k]:
+        for key, turns in [(k, t) for k, t in self._eval_turns.items() if k.startswith(f"{stage}_")]:
             name = key[len(stage) + 1 :]
             values: dict[str, object] = {}
-            for pair in [key, *sorted(k for k in self.eval_metrics if k.startswith(f"{key}__t"))]:
-                first, second = (1, 2) if pair == key else map(int, pair.rsplit("__t", 1)[1].split("_t"))
-                values.update(pair_values(first, second, self.eval_metrics[pair].compute()))
-                self.eval_metrics[pair].reset()
+            for first, second in turn_pairs(turns):
+                metric = self.eval_metrics[_pair_key(key, first, second)]
+                values.update(pair_values(first, second, metric.compute()))
+                metric.reset()
             self.log_dict({f"{stage}/{name}/{k}": v for k, v in values.items()}, sync_dist=False)
             self._write_records(key, name, stage)
 
@@ -81,3 +82,8 @@ class TwoTurnEvaluation(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+
+def _pair_key(key: str, first: int, second: int) -> str:
+    """The metric of a set's turns (first, second): turns (1, 2) under the set's own key, later pairs beside it."""
+    return key if (first, second) == (1, 2) else f"{key}__t{first}_t{second}"

@@ -250,7 +250,7 @@ class MGRPOModule(TwoTurnEvaluation):
         shared = self._shared_prefix()
         plan, collate = micro_batch_layout(batch, eff.micro_batch_tokens, shared=shared, tree=eff.prefix_tree)
         micro = pad_micro_batches(plan, reduce, is_sharded(self.policy), self.device)
-        step = StepSums()
+        step, terms = StepSums(), self.loss_terms
         pad_id = int(self.tokenizer.pad_token_id)
         for i, rows in enumerate(micro):
             mb = collate(batch, rows if rows is not None else [0], pad_id, loss.mask_truncated)
@@ -263,7 +263,7 @@ class MGRPOModule(TwoTurnEvaluation):
                 with torch.no_grad():
                     ref_logp = self._completion_logprobs(self.reference, mb)
             logp = self._completion_logprobs(self.policy, mb)
-            result = micro_batch_loss(logp, ref_logp, mb, self.loss_terms, counts, norm_length)
+            result = micro_batch_loss(logp, ref_logp, mb, terms, counts, norm_length)
             if not torch.isfinite(result.loss):
                 raise FloatingPointError(
                     f"non-finite loss {float(result.loss)} at global step {self.global_step} (micro-batch {i}); "

@@ -12,12 +12,14 @@ LightningCLI copies a checkpoint's model hyper-parameters over the command line,
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mgrpo_pl.errors import CheckpointError
+from mgrpo_pl.settings import EfficiencySettings, LossSettings, OptimSettings
 
 # Values of --ckpt_path that Lightning resolves itself (not file paths).
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
@@ -47,18 +49,14 @@ def read_hparams(path: str, weights_only: bool) -> dict[str, Any]:
     return grouped(hparams)
 
 
-# Where the settings of checkpoints written before the settings were grouped (mgrpo_pl.settings) live now.
+# Where the settings of checkpoints written before the settings were grouped (mgrpo_pl.settings) live now: each
+# group's fields under their own names, and loss_aggregation, which became loss.aggregation.
 FLAT_TO_GROUPED = {
-    **{k: ("loss", k) for k in ("beta", "clip_eps", "clip_eps_high", "layer2_weight", "norm_length", "tis_cap")},
-    "mask_truncated": ("loss", "mask_truncated"),
-    "loss_aggregation": ("loss", "aggregation"),
-    **{
-        k: ("efficiency", k)
-        for k in ("micro_batch_tokens", "shared_prefix", "prefix_tree", "gradient_checkpointing")
-        + ("memory_efficient_mlp", "reference_dtype")
-    },
-    **{k: ("optim", k) for k in ("lr_schedule", "warmup_ratio", "min_lr_ratio", "max_grad_norm")},
-}
+    field.name: (group, field.name)
+    for group, kind in (("loss", LossSettings), ("efficiency", EfficiencySettings), ("optim", OptimSettings))
+    for field in fields(kind)
+} | {"loss_aggregation": ("loss", "aggregation")}
+FLAT_TO_GROUPED.pop("aggregation")
 
 
 def grouped(hparams: dict[str, Any]) -> dict[str, Any]:

@@ -126,6 +126,7 @@ class TwoTurnEvaluator(RolloutParts):
         flag = "--data.rollout.eval_sampling.max_new_tokens"
         sources = ["turn1" if kept[i] else "turn2" for i in range(len(records))]
         texts = [[str(r["turn1"]), str(r["turn2"])] for r in records]
+        answers = [p.answer for p in problems for _ in range(k)]
         correct: list[Tensor] = []
         for turn in range(3, c.eval_turns + 1):
             if c.eval_turn2 == "new_turn":
@@ -139,7 +140,7 @@ class TwoTurnEvaluator(RolloutParts):
             self._check_context(engine, queries, c.eval_sampling.max_new_tokens, labels, flag)
             previous = engine.generate(queries, c.eval_sampling, n=1)
             scored, kept = self._turn2_texts(scored, guides, previous)
-            ok = self._score(scored, [p.answer for p in problems for _ in range(k)]) >= c.correct_threshold
+            ok = self._score(scored, answers) >= c.correct_threshold
             read = [read[i] if kept[i] else self.final_answer(scored[i]) for i in range(len(scored))]
             for i, record in enumerate(records):
                 sources[i] = sources[i] if kept[i] else f"turn{turn}"
