@@ -5,21 +5,34 @@ from __future__ import annotations
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-_COLUMNS = (("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "Δ"), ("delta_i2c", "Δi→c"), ("delta_c2i", "Δc→i"))
+from mgrpo_pl.metrics.report import columns
+
+# The paper's five columns under short titles; past two turns, report.columns adds each later turn's.
+_TITLES = {"acc_t1": "Acc@t1", "acc_t2": "Acc@t2", "delta": "Δ", "delta_i2c": "Δi→c", "delta_c2i": "Δc→i"}
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """Rows keyed by a name, columns Acc@t1, Acc@t2, Δ, Δi→c, Δc→i, in percent."""
-    header = f"{'':<28}" + "".join(f"{title:>9}" for _, title in _COLUMNS)
-    lines = [header]
+    """Rows keyed by a name, columns Acc@t1, Acc@t2, Δ, Δi→c, Δc→i in percent; then, when a row has later turns
+    (``--data.rollout.eval_turns`` > 2), each later turn's accuracy and transitions, blank for rows without them."""
+    turns = 2
+    while any(f"acc_t{turns + 1}" in values for values in rows.values()):
+        turns += 1
+    deepest = [values for values in rows.values() if f"acc_t{turns}" in values]
+    cols = [(key, _TITLES.get(key, title.replace(".", ""))) for key, title in columns(deepest)]
+    width = max(9, *(len(title) + 2 for _, title in cols))
+    lines = [f"{'':<28}" + "".join(f"{title:>{width}}" for _, title in cols)]
     for name, values in rows.items():
-        lines.append(f"{name:<28}" + "".join(f"{100 * values.get(key, float('nan')):>8.1f}%" for key, _ in _COLUMNS))
+        cells = [f"{100 * values[key]:.1f}%" if key in values else "" for key, _ in cols]
+        lines.append((f"{name:<28}" + "".join(f"{cell:>{width}}" for cell in cells)).rstrip())
     return "\n".join(lines)
 
 
 def _print_table(rows: dict[str, dict[str, float]]) -> None:
     if rows:
-        print("\nSelf-correction metrics (turn 1 -> turn 2)\n" + format_table(rows), flush=True)
+        print(
+            "\nSelf-correction metrics (turn 1 -> turn 2, and later turns when evaluated)\n" + format_table(rows),
+            flush=True,
+        )
 
 
 def _collect(trainer: Trainer, prefix: str) -> dict[str, dict[str, float]]:
@@ -32,7 +45,8 @@ def _collect(trainer: Trainer, prefix: str) -> dict[str, dict[str, float]]:
 
 
 class MetricsSummary(Callback):
-    """Prints Acc@t1, Acc@t2, Δ, Δi→c and Δc→i at the end of fit (training rollouts and validation) and test."""
+    """Prints Acc@t1, Acc@t2, Δ, Δi→c and Δc→i (and later turns' columns) at the end of fit (training rollouts and
+    validation) and test."""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows: dict[str, dict[str, float]] = {}

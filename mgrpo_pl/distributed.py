@@ -17,7 +17,7 @@ process passes ``reduce=None`` and everything here is the identity.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +28,6 @@ Reduce = Callable[[Tensor, str], Tensor]
 """``reduce(tensor, op)`` with op ``"sum"`` or ``"max"``: the tensor reduced over every rank (the same on all)."""
 
 SUM_KEYS = (
-    "loss/layer1",
-    "loss/layer2",
     "kl_mean",
     "clip_frac",
     "clip_frac_low",
@@ -40,25 +38,46 @@ SUM_KEYS = (
     "tis_capped",
     "tokens",
 )
-"""The training step's summed statistics (``MGRPOModule.backward_batch``); every rank reduces all of them."""
+"""The training step's summed statistics besides the per-layer losses (``MGRPOModule.backward_batch``)."""
+
+
+def sum_keys(layers: Iterable[int]) -> tuple[str, ...]:
+    """Every summed statistic of a step whose loss has the given layers; every rank reduces all of them."""
+    return (*(f"loss/layer{k}" for k in layers), *SUM_KEYS)
+
 
 # How each rollout statistic (``RolloutBatch.stats``) combines over ranks: "sum", "max", or "mean:<what>" for a
-# mean over <what> (weighted by this rank's count of it). Unlisted statistics are averaged over ranks.
+# mean over <what> (weighted by this rank's count of it). Unlisted statistics are averaged over ranks. Layer k's
+# own statistics follow the pattern of layer 2's (its probes are one per row of layer k-1).
 ROLLOUT_STAT_RULES = {
     "reward/layer1": "mean:layer1",
-    "reward/layer2": "mean:layer2",
-    "layer2/probe_accuracy": "mean:layer1",  # one probe per layer-1 sample
-    "layer2/kept_queries": "sum",
-    "layer2/verified_queries": "sum",
-    "layer2/kept_per_problem": "mean:problems",
     "rollout/truncated_frac": "mean:sequences",
     "rollout/completion_len": "mean:layer1",
 }
 
 
-def _rule(name: str) -> str:
-    if name in ROLLOUT_STAT_RULES:
-        return ROLLOUT_STAT_RULES[name]
+def layer_stat_rules(k: int) -> dict[str, str]:
+    """The combining rules of correction layer ``k``'s statistics."""
+    return {
+        f"reward/layer{k}": f"mean:layer{k}",
+        f"layer{k}/probe_accuracy": f"mean:layer{k - 1}",  # one probe per row of the layer before
+        f"layer{k}/probe_kept_turn1": f"mean:layer{k - 1}",
+        f"layer{k}/kept_queries": "sum",
+        f"layer{k}/verified_queries": "sum",
+        f"layer{k}/kept_per_problem": "mean:problems",
+    }
+
+
+def rollout_stat_rules(num_layers: int) -> dict[str, str]:
+    rules = dict(ROLLOUT_STAT_RULES)
+    for k in range(2, max(2, num_layers) + 1):
+        rules.update(layer_stat_rules(k))
+    return rules
+
+
+def _rule(name: str, rules: dict[str, str]) -> str:
+    if name in rules:
+        return rules[name]
     if name.startswith("tokens/"):
         return "sum"
     if name.startswith("time/"):
@@ -79,12 +98,15 @@ def global_normalisers(
     return {layer: (flat[2 * i], flat[2 * i + 1]) for i, layer in enumerate(layers)}, longest
 
 
-def global_sums(sums: dict[str, float], reduce: Reduce | None, device: torch.device) -> dict[str, float]:
-    """``SUM_KEYS`` (and anything else in ``sums``, on one process) summed over ranks."""
+def global_sums(
+    sums: dict[str, float], reduce: Reduce | None, device: torch.device, layers: Iterable[int] = (1, 2)
+) -> dict[str, float]:
+    """``sum_keys(layers)`` (and anything else in ``sums``, on one process) summed over ranks."""
+    keys = sum_keys(layers)
     if reduce is None:
-        return {**dict.fromkeys(SUM_KEYS, 0.0), **sums}  # a key no micro-batch set (no layer-2 row...) counts as 0
-    values = torch.tensor([float(sums.get(k, 0.0)) for k in SUM_KEYS], dtype=torch.float64, device=device)
-    return dict(zip(SUM_KEYS, reduce(values, "sum").tolist()))
+        return {**dict.fromkeys(keys, 0.0), **sums}  # a key no micro-batch set (no layer-2 row...) counts as 0
+    values = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
+    return dict(zip(keys, reduce(values, "sum").tolist()))
 
 
 def global_rollout_stats(
@@ -100,16 +122,12 @@ def global_rollout_stats(
     if reduce is None:
         return {k: stats[k] for k in names if k in stats}
     layer = batch.layer.cpu()
-    weights = {
-        "layer1": float((layer == 1).sum()),
-        "layer2": float((layer == 2).sum()),
-        "problems": float(batch.num_problems),
-        "sequences": float(len(batch)),
-        "ranks": 1.0,
-    }
+    rules = rollout_stat_rules(batch.num_layers)
+    weights = {f"layer{k}": float((layer == k).sum()) for k in range(1, max(2, batch.num_layers) + 1)}
+    weights.update({"problems": float(batch.num_problems), "sequences": float(len(batch)), "ranks": 1.0})
     sums, maxima = [], []
     for name in names:
-        rule = _rule(name)
+        rule = _rule(name, rules)
         present = name in stats
         if rule == "max":
             maxima.append(stats[name] if present else float("-inf"))
@@ -121,7 +139,7 @@ def global_rollout_stats(
     peaked = reduce(torch.tensor(maxima, dtype=torch.float64, device=device), "max").tolist() if maxima else []
     out: dict[str, float] = {}
     for name in names:
-        rule = _rule(name)
+        rule = _rule(name, rules)
         if rule == "max":
             value = peaked.pop(0)
             if value != float("-inf"):
@@ -133,11 +151,15 @@ def global_rollout_stats(
     return out
 
 
-ROLLOUT_STAT_NAMES = sorted(
-    [*ROLLOUT_STAT_RULES, "tokens/layer1", "tokens/layer2", "tokens/probe", "tokens/generated"]
-    + ["time/generate_s", "time/reward_s"]
-)
-"""Every statistic the rollout pipeline may report; the names all ranks reduce (so they agree on the tensors)."""
+def rollout_stat_names(num_layers: int) -> list[str]:
+    """Every statistic the rollout of ``num_layers`` layers may report: the names all ranks reduce (so they agree on
+    the tensors)."""
+    layers = range(2, max(2, num_layers) + 1)
+    names = [*rollout_stat_rules(num_layers), "tokens/layer1", "tokens/generated", "time/generate_s", "time/reward_s"]
+    names += ["time/layer1_s", *(f"time/layer{k}_s" for k in layers)]
+    names += [f"tokens/{name}" for k in layers for name in (f"layer{k}", "probe" if k == 2 else f"probe{k}")]
+    names += [f"tokens/layer{k}_drawn" for k in layers]
+    return sorted(names)
 
 
 def fully_shard_models(models: list[nn.Module], mesh: object) -> None:

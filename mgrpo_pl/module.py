@@ -27,7 +27,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from mgrpo_pl.distributed import (
-    ROLLOUT_STAT_NAMES,
     Reduce,
     check_fsdp1_wrapping,
     fully_shard_models,
@@ -36,11 +35,12 @@ from mgrpo_pl.distributed import (
     global_sums,
     is_sharded,
     pad_micro_batches,
+    rollout_stat_names,
 )
 from mgrpo_pl.errors import ConfigError
 from mgrpo_pl.evaluation import TwoTurnEvaluation
 from mgrpo_pl.layouts import AnyMicroBatch, completion_logprobs, micro_batch_layout, shared_prefix_allowed
-from mgrpo_pl.method.loss import LossTerms, layer_counts, micro_batch_loss
+from mgrpo_pl.method.loss import LossTerms, layer_counts, loss_layers, micro_batch_loss
 from mgrpo_pl.metrics import SelfCorrectionMetrics
 from mgrpo_pl.metrics.step_stats import StepSums, step_values
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_model_path
@@ -168,12 +168,17 @@ class MGRPOModule(TwoTurnEvaluation):
         if self._device_mesh is not None and self.policy is not None and not is_sharded(self.policy):
             fully_shard_models([self.policy, *self._reference], self._device_mesh)
 
-    @property
-    def loss_terms(self) -> LossTerms:
-        """The loss settings as ``method.loss`` takes them (read at each step)."""
+    def loss_terms(self, num_layers: int = 2) -> LossTerms:
+        """The loss settings as ``method.loss`` takes them, for a rollout of ``num_layers`` layers (read each step)."""
         loss = self.loss_settings
+        deepest = max(loss.layer_weights, default=2)
+        if deepest > max(2, num_layers):
+            raise ConfigError(
+                f"--model.loss.layer_weights sets a weight for layer {deepest}, but the rollout has {num_layers} "
+                "layer(s) (--data.rollout.num_layers)"
+            )
         return LossTerms(
-            layer_weights={1: 1.0, 2: loss.layer2_weight},
+            layer_weights=loss.weights(loss_layers(num_layers)),
             beta=loss.beta,
             clip_eps=loss.clip_eps,
             clip_eps_high=loss.clip_eps_high,
@@ -250,7 +255,7 @@ class MGRPOModule(TwoTurnEvaluation):
         shared = self._shared_prefix()
         plan, collate = micro_batch_layout(batch, eff.micro_batch_tokens, shared=shared, tree=eff.prefix_tree)
         micro = pad_micro_batches(plan, reduce, is_sharded(self.policy), self.device)
-        step, terms = StepSums(), self.loss_terms
+        step, terms = StepSums(), self.loss_terms(batch.num_layers)
         pad_id = int(self.tokenizer.pad_token_id)
         for i, rows in enumerate(micro):
             mb = collate(batch, rows if rows is not None else [0], pad_id, loss.mask_truncated)
@@ -329,16 +334,18 @@ class MGRPOModule(TwoTurnEvaluation):
         """Log the step's values over the global batch (every rank reduces; rank 0's logger writes). Returns the
         global loss."""
         reduce = self._reduce()
-        sums = global_sums(sums, reduce, self.device)
+        sums = global_sums(sums, reduce, self.device, loss_layers(batch.num_layers))
         if reduce is not None:
             slowest = reduce(torch.tensor([train_s, float(num_micro)], dtype=torch.float64, device=self.device), "max")
             train_s, num_micro = float(slowest[0]), int(slowest[1])
-            stats = global_rollout_stats(batch, reduce, self.device, ROLLOUT_STAT_NAMES)
-            stats.update({k: v for k, v in batch.stats.items() if k not in ROLLOUT_STAT_NAMES})  # this rank's own
+            names = rollout_stat_names(batch.num_layers)
+            stats = global_rollout_stats(batch, reduce, self.device, names)
+            stats.update({k: v for k, v in batch.stats.items() if k not in names})  # this rank's own
         else:
             stats = dict(batch.stats)
         tis = self.loss_settings.tis_cap is not None
-        loss, values = step_values(sums, self.loss_terms.layer_weights, batch.engine_logprobs is not None, tis)
+        weights = self.loss_settings.weights(loss_layers(batch.num_layers))
+        loss, values = step_values(sums, weights, batch.engine_logprobs is not None, tis)
         values.update(
             {
                 "train/grad_norm": grad_norm,

@@ -9,7 +9,7 @@ flag when the group is built.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
 from mgrpo_pl.algo.losses import LOSS_AGGREGATIONS
@@ -29,7 +29,10 @@ class LossSettings:
     clip_eps_high: float | None = None
     """Upper clip epsilon ("clip-higher", DAPO); null uses clip_eps."""
     layer2_weight: float = 1.0
-    """Weight w_2 of the layer-2 (correction) loss in the total; layer 1's is 1."""
+    """Weight w_2 of the layer-2 (correction) loss in the total; layer 1's is 1. Also the weight of every deeper
+    layer that layer_weights does not list."""
+    layer_weights: dict[int, float] = field(default_factory=dict)
+    """Weights of correction layers by number, where they differ from layer2_weight, e.g. {3: 0.5}."""
     aggregation: str = "seq-mean-token-mean"
     """How token losses become a layer's loss: seq-mean-token-mean (paper), token-mean (DAPO),
     seq-mean-token-sum-norm (Dr. GRPO), or a name registered in mgrpo_pl.algo.losses.LOSS_AGGREGATIONS."""
@@ -47,8 +50,15 @@ class LossSettings:
             raise ConfigError(f"--model.loss.beta must be >= 0, got {self.beta}")
         if self.clip_eps <= 0 or (self.clip_eps_high is not None and self.clip_eps_high <= 0):
             raise ConfigError("--model.loss.clip_eps and --model.loss.clip_eps_high must be > 0")
+        bad = [k for k in self.layer_weights if not isinstance(k, int) or k < 2]
+        if bad:
+            raise ConfigError(f"--model.loss.layer_weights: keys are correction layers (2, 3, ...), got {bad}")
         if self.tis_cap is not None and self.tis_cap < 1:
             raise ConfigError(f"--model.loss.tis_cap must be >= 1 (or null to turn it off), got {self.tis_cap}")
+
+    def weights(self, layers: range) -> dict[int, float]:
+        """``{k: w_k}`` for the given layers: 1 for layer 1, ``layer_weights[k]`` or ``layer2_weight`` after."""
+        return {k: 1.0 if k == 1 else self.layer_weights.get(k, self.layer2_weight) for k in layers}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Layer-2 planning: correction queries, guide phrases, selection and bookkeeping (paper Sec. 4.2).
+"""Correction-layer planning: correction queries, guide phrases, selection and bookkeeping (paper Sec. 4.2).
 
 Paper Eq. 4 builds the correction query ``q'_i = concat(q, o_i) + p_guide``. Following the paper's Table 1 the query
 continues the SAME assistant turn: the chat-templated problem, then ``o_i`` without its end-of-turn token (cut before
@@ -106,19 +106,29 @@ def select_verified(probe_rewards: Tensor, threshold: float = 1.0) -> Tensor:
     return (probe_rewards >= threshold).nonzero().flatten()
 
 
+def problem_of(candidates: Tensor, owners: int | Tensor) -> Tensor:
+    """The problem of each candidate query index: ``index // G`` for layer 2's prompt-major candidates (``owners`` is
+    G), or ``owners[index]`` for a deeper layer's (``owners`` is every candidate's problem)."""
+    candidates = candidates.long()
+    if isinstance(owners, int):
+        return candidates // owners
+    return owners.long()[candidates]
+
+
 def cap_per_problem(
-    kept: Tensor, group_size: int, cap: int, generators: Sequence[torch.Generator | None] | torch.Generator | None
+    kept: Tensor, owners: int | Tensor, cap: int, generators: Sequence[torch.Generator | None] | torch.Generator | None
 ) -> Tensor:
     """At most ``cap`` of each problem's kept query indices, drawn uniformly without replacement.
 
-    A uniform draw keeps layer 2's training data an unbiased sample of the paper's (the same mix of queries that were
-    right and wrong at turn 1, in expectation); it only bounds how many groups a problem adds to a step.
+    A uniform draw keeps a correction layer's training data an unbiased sample of the paper's (the same mix of queries
+    that were right and wrong the turn before, in expectation); it only bounds how many groups a problem adds.
 
     Args:
-        kept: [K] ascending indices among the B*G layer-1 samples (prompt-major), as ``select_verified`` returns.
-        group_size: G, so that ``index // G`` is the problem.
+        kept: [K] ascending indices among the candidate queries, as ``select_verified`` returns.
+        owners: G when the candidates are the B*G layer-1 samples (prompt-major, so ``index // G`` is the problem),
+            else a [N] tensor with every candidate's problem.
         cap: Most indices kept per problem (>= 1).
-        generators: One generator for the whole draw, or one per problem (indexed by ``index // G``, so a problem's
+        generators: One generator for the whole draw, or one per problem (indexed by the problem, so a problem's
             draw does not depend on the rest of the batch); None draws from torch's global generator.
 
     Returns:
@@ -127,7 +137,7 @@ def cap_per_problem(
     if cap < 1:
         raise ValueError(f"cap must be >= 1, got {cap}")
     kept = kept.long()
-    owner = kept // group_size
+    owner = problem_of(kept, owners)
     chosen = []
     for problem in torch.unique(owner).tolist():
         mine = kept[owner == problem]
@@ -139,29 +149,28 @@ def cap_per_problem(
 
 
 @dataclass(frozen=True)
-class Layer2Plan:
-    """Maps every kept layer-2 group back to its problem and layer-1 sample.
+class CorrectionPlan:
+    """Maps every kept group of a correction layer back to its query among the candidates, and to its problem.
 
     Attributes:
-        query_index: [K] index of the kept query among the B*G layer-1 samples (prompt-major).
-        problem_index: [K] index of its problem in the batch (query_index // G).
-        sample_index: [K] index of its layer-1 sample within the problem's group (query_index % G).
+        query_index: [K] index of the kept query among the candidates (the previous layer's rows).
+        problem_index: [K] index of its problem in the batch.
     """
 
     query_index: Tensor
     problem_index: Tensor
-    sample_index: Tensor
 
     @classmethod
-    def from_selection(cls, kept: Tensor, group_size: int) -> Layer2Plan:
+    def from_selection(cls, kept: Tensor, owners: int | Tensor) -> CorrectionPlan:
+        """``owners`` as in ``cap_per_problem``: G for layer 2, or every candidate's problem."""
         kept = kept.long()
-        return cls(query_index=kept, problem_index=kept // group_size, sample_index=kept % group_size)
+        return cls(query_index=kept, problem_index=problem_of(kept, owners))
 
     def __len__(self) -> int:
         return int(self.query_index.numel())
 
     def kept_per_problem(self, num_problems: int) -> Tensor:
-        """[B] long: G' of each problem (kept layer-2 queries)."""
+        """[B] long: G' of each problem (kept queries)."""
         return torch.bincount(self.problem_index, minlength=num_problems)
 
 

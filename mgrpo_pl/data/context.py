@@ -36,9 +36,9 @@ def fit_to_context(
     Args:
         problems: One problem set.
         prompt_lengths: Each problem's prompt, in tokens, as the rollout encodes it.
-        budget: Tokens generated after the prompt (the sampling's ``max_new_tokens``).
+        budget: Tokens the deepest query adds after the prompt, completion included (``RolloutParts.context_budget``).
         context: The model's context in tokens; None (unknown) keeps every problem.
-        flag: The setting that ``budget`` comes from, for the message.
+        flag: The settings that ``budget`` comes from, for the message.
         on_error: ``"raise"`` stops at the first problem that does not fit; ``"skip"`` drops and reports them all.
         set_name: The set's name, for problems without a file.
 
@@ -56,9 +56,9 @@ def fit_to_context(
         path, line = _origin(problem, set_name)
         err = DatasetError(
             path,
-            f"problem {problem.id!r}: {length} prompt tokens + {flag}={budget} exceed the model's context of "
-            f"{context} tokens; shorten it, lower {flag}, or add `on_error: skip` to the set's options to drop "
-            "such problems",
+            f"problem {problem.id!r}: {length} prompt tokens + {budget} for {flag} exceed the model's context of "
+            f"{context} tokens; shorten it, lower those settings, or add `on_error: skip` to the set's options to "
+            "drop such problems",
             line=line,
         )
         if on_error == "raise":
@@ -67,5 +67,5 @@ def fit_to_context(
     if report.count:
         log.warning("%s: %s", set_name, report.summary().replace("row(s)", "problem(s) longer than the context"))
     if not kept:
-        raise DatasetError(set_name, f"no problem fits the model's context of {context} tokens with {flag}={budget}")
+        raise DatasetError(set_name, f"no problem fits the model's context of {context} tokens with {budget} for {flag}")
     return kept

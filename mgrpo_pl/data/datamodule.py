@@ -176,16 +176,16 @@ class MGRPODataModule(LightningDataModule):
         after setup (the tokenizer and the engine exist), before any rollout."""
         if split not in self._fitted:
             sets = {"train": [self.train_set], "val": self.val_sets, "test": self.test_sets}[split]
-            c = self.rollout_config
-            sampling, flag = (c.sampling, "sampling") if split == "train" else (c.eval_sampling, "eval_sampling")
             context, pipeline = self.engine().max_context, self.pipeline()
+            # The deepest query (the last layer's, or the last turn's) with its completion must fit.
+            budget, flag = pipeline.context_budget(training=split == "train")
             self._problems[split] = [
                 fit_to_context(
                     problems,
                     [len(ids) for ids in pipeline.encode(problems)] if context is not None else [0] * len(problems),
-                    sampling.max_new_tokens,
+                    budget,
                     context,
-                    flag=f"--data.rollout.{flag}.max_new_tokens",
+                    flag=flag,
                     on_error=problem_set.options.get("on_error", "raise"),
                     set_name=problem_set.label,
                 )

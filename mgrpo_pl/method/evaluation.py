@@ -66,7 +66,9 @@ class TwoTurnEvaluator(RolloutParts):
             queries = [self._new_turn_query(problems[i // k], first.texts[i]) for i in range(len(first))]
             guides = [self.eval_guide_index] * len(first)
         else:
-            queries, guides = self._queries(engine, prompts, first, k, self.eval_guide_index, generator=generator)
+            queries, guides = self._queries(
+                engine, prompts, first.token_ids, k, self.eval_guide_index, generator=generator
+            )
         turn2_labels = [f"turn-2 query of {labels[i // k]}" for i in range(len(queries))]
         self._check_context(engine, queries, c.eval_sampling.max_new_tokens, turn2_labels, flag)
         second = engine.generate(queries, c.eval_sampling, n=1)
@@ -128,13 +130,13 @@ class TwoTurnEvaluator(RolloutParts):
         texts = [[str(r["turn1"]), str(r["turn2"])] for r in records]
         answers = [p.answer for p in problems for _ in range(k)]
         correct: list[Tensor] = []
-        for turn in range(3, c.eval_turns + 1):
+        for turn in range(3, c.turns + 1):
             if c.eval_turn2 == "new_turn":
                 queries = [self._new_turn_query(problems[i // k], texts[i]) for i in range(len(records))]
                 guides = [self.eval_guide_index] * len(records)
             else:  # q ⊕ o_1 ⊕ guide ⊕ ... ⊕ o_{t-1} ⊕ guide, one assistant turn
                 queries, guides = self._queries(
-                    engine, queries, previous, 1, self.eval_guide_index, generator=generator
+                    engine, queries, previous.token_ids, 1, self.eval_guide_index, generator=generator
                 )
             labels = [f"turn-{turn} query of problem {problems[i // k].id!r}" for i in range(len(queries))]
             self._check_context(engine, queries, c.eval_sampling.max_new_tokens, labels, flag)

@@ -14,8 +14,8 @@ from mgrpo_pl.rollout.types import RolloutBatch
 class LayerRows:
     """One layer's trained rows, one GRPO group after another: row ``i`` is ``queries[i] ⊕ completions[i]``.
 
-    Layer 1's queries are the problems' prompts; a correction layer's are ``previous query ⊕ previous answer ⊕
-    guide phrase``.
+    Layer 1's queries are the problems' prompts; layer k+1's are ``layer-k query ⊕ its completion ⊕ guide phrase``,
+    built from these rows (``owners`` and ``judged`` carry what the next layer needs).
     """
 
     layer: int
@@ -25,6 +25,11 @@ class LayerRows:
     rewards: Tensor
     advantages: Tensor
     logprobs: list[list[float]] | None = None
+    owners: list[int] = field(default_factory=list)  # each row's problem in the batch
+    judged: list[str] = field(default_factory=list)  # the text each row's reward read (its turn's answer)
+
+    def __len__(self) -> int:
+        return len(self.queries)
 
 
 @dataclass
@@ -37,7 +42,9 @@ class StepRecord:
     samples: list[dict[str, object]] = field(default_factory=list)
 
 
-def to_batch(layers: list[LayerRows], record: StepRecord, num_problems: int, checksum: float | None) -> RolloutBatch:
+def to_batch(
+    layers: list[LayerRows], record: StepRecord, num_problems: int, checksum: float | None, num_layers: int = 2
+) -> RolloutBatch:
     """The layers' rows in order (layer 1 first), as the tensors the training step consumes.
 
     Behaviour log-probs are kept only when every layer has them: the loss compares whole rows.
@@ -60,6 +67,7 @@ def to_batch(layers: list[LayerRows], record: StepRecord, num_problems: int, che
         stats=record.stats,
         samples=record.samples,
         weights_checksum=checksum,
+        num_layers=num_layers,
     )
 
 

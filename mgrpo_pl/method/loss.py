@@ -1,6 +1,7 @@
 """A step's loss: the sum over layers of each layer's GRPO loss times its weight (paper Eq. 3 and Eq. 6).
 
-``L = Σ_k w_k · L_k`` with ``w_1 = 1`` and ``w_2 = layer2_weight``. Each ``L_k`` is the PPO-clipped surrogate with
+``L = Σ_k w_k · L_k`` over layers k = 1..N with ``w_1 = 1`` and ``w_k`` from ``--model.loss.layer_weights`` (default
+``layer2_weight``). Each ``L_k`` is the PPO-clipped surrogate with
 the k3 KL to the reference (``algo.losses.policy_loss``), aggregated over layer k's completions by name (default: the
 paper's mean over a completion's tokens, then mean over completions).
 
@@ -53,13 +54,22 @@ class MicroBatchLoss:
     is_weights: Tensor | None
 
 
+def loss_layers(num_layers: int) -> range:
+    """The layers a step's loss and statistics are keyed by: 1..N, and layer 2 even when N = 1 (its terms are then
+    0), so one-round GRPO logs what it always has."""
+    return range(1, max(2, num_layers) + 1)
+
+
 def layer_counts(batch: RolloutBatch, mask_truncated: bool) -> LayerCounts:
-    """Per layer: (completions with at least one trained token, trained tokens) over the whole batch."""
+    """Per layer: (completions with at least one trained token, trained tokens) over the whole batch.
+
+    Every layer of ``loss_layers(batch.num_layers)`` has an entry, rows or not, so all ranks reduce the same keys.
+    """
     lengths = batch.completion_lengths
     if mask_truncated:
         lengths = lengths * (~batch.truncated.cpu()).long()
     out = {}
-    for layer in (1, 2):
+    for layer in loss_layers(batch.num_layers):
         sel = batch.layer.cpu() == layer
         out[layer] = (float((lengths[sel] > 0).sum()), float(lengths[sel].sum()))
     return out

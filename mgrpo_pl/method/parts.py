@@ -61,9 +61,19 @@ class RolloutParts:
         # The config allows an empty pool only when nothing draws from it (layer 2 off, a fixed eval_guide).
         self.guides = GuidePool(config.guide_phrases or [config.eval_guide or ""])
         self.generator = torch.Generator().manual_seed(config.seed)
-        # One table of phrases: the training pool, then the fixed evaluation phrase when one is set.
+        # One table of phrases: the training pool, then the fixed evaluation phrase when one is set, then the pools of
+        # correction layers that have their own.
         self.phrases = list(self.guides.phrases) + ([config.eval_guide] if config.eval_guide is not None else [])
         self.eval_guide_index = len(self.guides) if config.eval_guide is not None else None
+        # Each correction layer's pool, as indices into the table: a layer draws j uniformly and uses pool[j].
+        self.layer_pools: dict[int, list[int]] = {}
+        for layer in config.correction_layers:
+            if layer.guide_phrases == self.guides.phrases:
+                self.layer_pools[layer.layer] = list(range(len(self.guides)))
+            else:
+                start = len(self.phrases)
+                self.phrases += layer.guide_phrases
+                self.layer_pools[layer.layer] = list(range(start, len(self.phrases)))
         sep = config.guide_separator
         self.guide_ids = [tokenizer(sep + p, add_special_tokens=False)["input_ids"] for p in self.phrases]
         self.think_ids = (
@@ -74,6 +84,32 @@ class RolloutParts:
     def encode(self, problems: Sequence[Problem]) -> list[list[int]]:
         c = self.config
         return [encode_prompt(self.tokenizer, p.question, c.instruction, c.system_prompt) for p in problems]
+
+    def context_budget(self, training: bool) -> tuple[int, str]:
+        """Tokens the deepest query and its completion add to a prompt, and what they come from (for messages).
+
+        Training: layer 1's ``max_new_tokens``, then per correction layer its longest guide phrase and its
+        ``max_new_tokens``. Evaluation: each turn's ``max_new_tokens`` and the phrase between turns (new-turn
+        evaluation adds the chat template's tokens, which the check before each turn covers).
+        """
+        c = self.config
+        if not training:
+            guide = max(len(self.guide_ids[g]) for g in self._eval_pool())
+            budget = c.turns * c.eval_sampling.max_new_tokens + (c.turns - 1) * guide
+            return budget, f"--data.rollout.eval_sampling.max_new_tokens x {c.turns} turns and their guide phrases"
+        budget = c.sampling.max_new_tokens
+        for layer in c.correction_layers:
+            budget += max(len(self.guide_ids[g]) for g in self.layer_pools[layer.layer])
+            budget += layer.sampling.max_new_tokens
+        if c.depth == 1:
+            return budget, "--data.rollout.sampling.max_new_tokens"
+        return budget, (
+            f"--data.rollout.sampling.max_new_tokens and, for each of the {c.depth - 1} correction layer(s) "
+            "(--data.rollout.num_layers), its guide phrase and max_new_tokens"
+        )
+
+    def _eval_pool(self) -> list[int]:
+        return [self.eval_guide_index] if self.eval_guide_index is not None else list(range(len(self.guides)))
 
     @staticmethod
     def _check_context(
@@ -105,24 +141,30 @@ class RolloutParts:
             )
         return rewards
 
+    def draw_guides(self, layer: int, n: int, generator: torch.Generator) -> list[int]:
+        """``n`` guide phrases of correction layer ``layer``'s pool, drawn uniformly, as indices into ``phrases``."""
+        pool = self.layer_pools.get(layer, list(range(len(self.guides))))
+        return [pool[j] for j in torch.randint(len(pool), (n,), generator=generator).tolist()]
+
     def _queries(
         self,
         engine: GenerationEngine,
         prompts: list[list[int]],
-        first: Generation,
+        completions: list[list[int]],
         per_prompt: int,
         guide: int | None,
         guides: list[int] | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[list[list[int]], list[int]]:
-        """Correction queries for every layer-1 sample, with the guide index used for each (``guides`` when given,
-        else ``guide`` for all, else drawn from the pool with ``generator``, training's guide generator by default)."""
-        n = len(first)
+        """Correction queries ``prompts[i // per_prompt] ⊕ completions[i] ⊕ guide``, with the guide index used for
+        each (``guides`` when given, else ``guide`` for all, else drawn from the pool with ``generator``, training's
+        guide generator by default)."""
+        n = len(completions)
         if guides is None:
             guides = [guide] * n if guide is not None else self.guides.sample(n, generator or self.generator)
         queries = [
             build_correction_query(
-                prompts[i // per_prompt], first.token_ids[i], self.guide_ids[g], engine.end_ids, self.think_ids
+                prompts[i // per_prompt], completions[i], self.guide_ids[g], engine.end_ids, self.think_ids
             )
             for i, g in enumerate(guides)
         ]
@@ -141,15 +183,17 @@ class RolloutParts:
             self.config.guide_separator,
         )
 
-    def _cap(self, verified: Tensor, problems: Sequence[Problem], step: int) -> Tensor:
-        """``verified`` cut to ``max_kept_per_problem`` queries per problem (all of them when unset)."""
-        cap, G = self.config.max_kept_per_problem, self.config.num_generations
-        if cap is None or cap >= G:
+    def _cap(
+        self, verified: Tensor, owners: int | Tensor, cap: int | None, problems: Sequence[Problem], step: int, tag: str
+    ) -> Tensor:
+        """``verified`` cut to ``cap`` queries per problem (all of them when None); ``owners`` as in
+        ``cap_per_problem``, ``tag`` names the per-problem draw."""
+        if cap is None or (isinstance(owners, int) and cap >= owners):
             return verified
         generators: list[torch.Generator] | torch.Generator = self.generator
         if self.config.seed_per_problem:
-            generators = [torch.Generator().manual_seed(self._problem_seed(step, p, "cap")) for p in problems]
-        return cap_per_problem(verified, G, cap, generators)
+            generators = [torch.Generator().manual_seed(self._problem_seed(step, p, tag)) for p in problems]
+        return cap_per_problem(verified, owners, cap, generators)
 
     def _problem_seed(self, step: int, problem: Problem, tag: str) -> int:
         return zlib.crc32(f"{self.config.seed}/{step}/{problem.id}/{tag}".encode())

@@ -3,14 +3,15 @@
 ``MGRPORollout._rollout`` is the whole method on one screen:
 
 1. **Layer 1** (``_layer1``): G samples per problem, scored by the reward, group-relative advantages.
-2. **Correction layer** (``_probe`` then ``_corrections``), built from layer 1's outputs: every layer-1 sample
-   becomes a correction query ``q ⊕ o ⊕ p_guide`` continuing the assistant turn; one probe correction per query is
-   generated and verified; the verified queries (G' per problem, at most ``max_kept_per_problem``) are kept, and H
-   samples per kept query form one GRPO group each. Queries whose probe fails are discarded.
+2. **Correction layer k = 2..N** (``_probe`` then ``_corrections``), built from layer k-1's rows: every row becomes
+   a correction query ``query ⊕ completion ⊕ p_guide`` continuing the assistant turn; one probe correction per query
+   is generated and verified; the verified queries (at most ``max_kept_per_problem`` per problem) are kept, and H
+   samples per kept query form one GRPO group each. Queries whose probe fails are discarded. Layer 2 (the paper's)
+   corrects layer-1 samples; layer 3 corrects layer-2 samples, and so on (``num_layers``).
 3. The layers' rows become one ``RolloutBatch`` (layer 1 first); the loss is their weighted sum (``method.loss``).
 
-The layer-1 sample / probe pairs also give the step's turn-1 vs turn-2 correctness, from which the module logs
-Acc@t1, Acc@t2, i->c and c->i during training.
+The layer-1 sample / layer-2 probe pairs also give the step's turn-1 vs turn-2 correctness, from which the module
+logs Acc@t1, Acc@t2, i->c and c->i during training.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import torch
 from torch import Tensor
 
 from mgrpo_pl.algo.advantages import group_advantages
-from mgrpo_pl.algo.correction import Layer2Plan, select_verified
+from mgrpo_pl.algo.correction import CorrectionPlan, select_verified
 from mgrpo_pl.method.evaluation import TwoTurnEvaluator
 from mgrpo_pl.method.layers import LayerRows, StepRecord, to_batch
+from mgrpo_pl.rollout.config import CorrectionLayer
 from mgrpo_pl.rollout.engines.base import GenerationEngine
 from mgrpo_pl.rollout.generation import generate, split_first, take
 from mgrpo_pl.rollout.types import Generation, RolloutBatch
@@ -45,22 +47,32 @@ class _Step:
     problems: Sequence[Problem]
     step: int
     prompts: list[list[int]]
-    answers: list[str]  # one per layer-1 sample
     labels: list[str]
     seeds: dict[str, list[int] | None]
     timings: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "reward": 0.0})
 
+    def answers(self, owners: Sequence[int]) -> list[str]:
+        """The gold answer of each row's problem."""
+        return [self.problems[o].answer for o in owners]
+
 
 @dataclass
 class _Probes:
-    """A correction layer's first round: one query and one verified-or-not probe per previous-layer sample."""
+    """A correction layer's first round: one query and one verified-or-not probe per previous-layer row."""
 
     queries: list[list[int]]
     guides: list[int]
     probe: Generation
     pregenerated: Generation  # with ``joint_layer2``: every query's fresh samples, drawn with its probe
     correct: Tensor
-    plan: Layer2Plan
+    plan: CorrectionPlan
+
+
+def _tag(base: str, layer: int) -> str:
+    """The name of a correction layer's statistic or seed: layer 2 keeps the names it had before deeper layers."""
+    if layer == 2:
+        return {"probe": "probe", "guide": "guide", "cap": "cap"}.get(base, base)
+    return f"{base}{layer}"
 
 
 class MGRPORollout(TwoTurnEvaluator):
@@ -75,45 +87,53 @@ class MGRPORollout(TwoTurnEvaluator):
     @torch.no_grad()
     def rollout(self, engine: GenerationEngine, problems: Sequence[Problem], step: int = 0) -> RolloutBatch:
         """The rollout of one training step; ``step`` (the global step) keys per-problem seeding."""
-        # The correction layer's queries start with layer 1's sequences, and its groups with the probes' queries.
-        with engine.reuse_prefixes() if self.config.layer2 else nullcontext():
+        # A correction layer's queries start with the previous layer's sequences, and its groups with the probes'.
+        with engine.reuse_prefixes() if self.config.depth >= 2 else nullcontext():
             return self._rollout(engine, problems, step)
 
     def _rollout(self, engine: GenerationEngine, problems: Sequence[Problem], step: int) -> RolloutBatch:
         s = self._start(problems, step)
-        layer1, first, record = self._layer1(engine, s)
-        layers = [layer1]
-        if self.config.layer2:
-            probes = self._probe(engine, s, first, record)
-            record.correct_t2 = probes.correct
-            if len(probes.plan):
-                layers.append(self._corrections(engine, s, first, probes, record))
-            elif engine.lockstep and not self.config.joint_layer2:
-                # This rank kept nothing, but the others generate: join their collectives with the same calls.
-                generate(engine, [], self.config.layer2_sampling, 1, [], s.seeds["layer2"])
+        tick = time.perf_counter()
+        previous, record = self._layer1(engine, s)
+        record.stats["time/layer1_s"] = time.perf_counter() - tick
+        layers = [previous]
+        for layer in self.config.correction_layers:
+            tick = time.perf_counter()
+            probes = self._probe(engine, s, layer, previous, record)
+            if layer.layer == 2:
+                record.correct_t2 = probes.correct
+            if len(probes.plan) or engine.lockstep:
+                # A lockstep engine (a sharded policy) makes every later call even when this rank kept nothing: the
+                # other ranks generate, and their collectives need this rank's.
+                previous = self._corrections(engine, s, layer, previous, probes, record)
+            record.stats[f"time/layer{layer.layer}_s"] = time.perf_counter() - tick
+            if not len(probes.plan):
+                if not engine.lockstep:
+                    break
+                continue
+            layers.append(previous)
         self._finish(s, layers, record)
         # An engine that generates with the policy module itself is on-policy by construction; fingerprinting every
         # weight for it would cost a pass over the whole model per step.
         checksum = None if engine.shared else engine.weights_checksum()
-        return to_batch(layers, record, len(problems), checksum)
+        return to_batch(layers, record, len(problems), checksum, self.config.depth)
 
     # -- the layers ----------------------------------------------------------------------------------------------
     def _start(self, problems: Sequence[Problem], step: int) -> _Step:
         c = self.config
+        tags = ["layer1"] + [t for k in range(2, (c.depth) + 1) for t in (_tag("probe", k), f"layer{k}")]
         seeds = {
-            tag: [self._problem_seed(step, p, tag) for p in problems] if c.seed_per_problem else None
-            for tag in ("layer1", "probe", "layer2")
+            tag: [self._problem_seed(step, p, tag) for p in problems] if c.seed_per_problem else None for tag in tags
         }
         return _Step(
             problems=problems,
             step=step,
             prompts=self.encode(problems),
-            answers=[p.answer for p in problems for _ in range(c.num_generations)],
             labels=[f"problem {p.id!r} ({p.source or 'no source'})" for p in problems],
             seeds=seeds,
         )
 
-    def _layer1(self, engine: GenerationEngine, s: _Step) -> tuple[LayerRows, Generation, StepRecord]:
+    def _layer1(self, engine: GenerationEngine, s: _Step) -> tuple[LayerRows, StepRecord]:
         """G samples per problem, their rewards and group advantages."""
         c = self.config
         B, G = len(s.problems), c.num_generations
@@ -122,8 +142,9 @@ class MGRPORollout(TwoTurnEvaluator):
         first = self._timed(
             s, "generate", generate, engine, s.prompts, c.sampling, G, list(range(B)), s.seeds["layer1"]
         )
+        owners = [i // G for i in range(B * G)]
         stats: dict[str, float] = {}
-        r1 = self._timed(s, "reward", self._score, first.texts, s.answers, stats)
+        r1 = self._timed(s, "reward", self._score, first.texts, s.answers(owners), stats)
         adv1 = group_advantages(r1.view(B, G), c.advantage_scaling, c.advantage_eps).flatten()
         stats.update({"reward/layer1": float(r1.mean()), "tokens/layer1": float(first.num_tokens)})
         p = s.problems[0]
@@ -132,67 +153,86 @@ class MGRPORollout(TwoTurnEvaluator):
             for j in range(min(2, G))
         ]
         record = StepRecord(correct_t1=r1 >= c.correct_threshold, stats=stats, samples=samples)
-        queries = [s.prompts[i // G] for i in range(B * G)]
-        rows = LayerRows(1, queries, first.token_ids, first.finished, r1, adv1, first.logprobs)
-        return rows, first, record
+        queries = [s.prompts[o] for o in owners]
+        rows = LayerRows(1, queries, first.token_ids, first.finished, r1, adv1, first.logprobs, owners, first.texts)
+        return rows, record
 
-    def _probe(self, engine: GenerationEngine, s: _Step, first: Generation, record: StepRecord) -> _Probes:
-        """A correction query per previous-layer sample, one probe correction each, verified; the kept queries."""
-        c = self.config
-        B, G = len(s.problems), c.num_generations
-        drawn = None
-        if c.seed_per_problem:
-            gens = [torch.Generator().manual_seed(self._problem_seed(s.step, p, "guide")) for p in s.problems]
-            drawn = [g for gen in gens for g in self.guides.sample(G, gen)]
-        queries, guides = self._queries(engine, s.prompts, first, G, None, drawn)
-        labels = [f"layer-2 query of {s.labels[i // G]}" for i in range(len(queries))]
-        flag = "the layer-2 max_new_tokens (--data.rollout.correction_sampling or sampling)"
-        self._check_context(engine, queries, c.layer2_sampling.max_new_tokens, labels, flag)
-        owners = [i // G for i in range(B * G)]
+    def _probe(
+        self, engine: GenerationEngine, s: _Step, layer: CorrectionLayer, previous: LayerRows, record: StepRecord
+    ) -> _Probes:
+        """A correction query per previous-layer row, one probe correction each, verified; the kept queries."""
+        c, k = self.config, layer.layer
+        if c.seed_per_problem:  # each problem's phrases from its own generator, one per row of that problem
+            drawn = []
+            for i, problem in enumerate(s.problems):
+                gen = torch.Generator().manual_seed(self._problem_seed(s.step, problem, _tag("guide", k)))
+                drawn += self.draw_guides(k, previous.owners.count(i), gen)
+        else:
+            drawn = self.draw_guides(k, len(previous), self.generator)
+        queries, guides = self._queries(engine, previous.queries, previous.completions, 1, None, drawn)
+        labels = [f"layer-{k} query of {s.labels[o]}" for o in previous.owners]
+        where = "--data.rollout.correction_sampling or sampling"
+        flag = f"the layer-{k} max_new_tokens ({where})"
+        if k in c.layer_overrides:
+            flag = f"the layer-{k} max_new_tokens (--data.rollout.layer_overrides.{k}.correction_sampling, {where})"
+        self._check_context(engine, queries, layer.sampling.max_new_tokens, labels, flag)
         # joint: every query's probe and its group's fresh samples come from one engine call; the fresh samples of
         # queries whose probe fails are then dropped.
-        per_query = 1 + c.fresh_corrections if c.joint_layer2 else 1
-        args = (engine, queries, c.layer2_sampling, per_query, owners, s.seeds["probe"])
+        per_query = 1 + layer.fresh_corrections if c.joint_layer2 else 1
+        args = (engine, queries, layer.sampling, per_query, previous.owners, s.seeds[_tag("probe", k)])
         probe, pregenerated = split_first(self._timed(s, "generate", generate, *args), per_query)
-        probe_texts, probe_kept_t1 = self._turn2_texts(first.texts, guides, probe)
-        rp = self._timed(s, "reward", self._score, probe_texts, s.answers, record.stats)
+        probe_texts, probe_kept = self._turn2_texts(previous.judged, guides, probe)
+        rp = self._timed(s, "reward", self._score, probe_texts, s.answers(previous.owners), record.stats)
         verified = select_verified(rp, c.correct_threshold)
-        plan = Layer2Plan.from_selection(self._cap(verified, s.problems, s.step), G)
+        owners = torch.tensor(previous.owners, dtype=torch.long)
+        kept = self._cap(verified, owners, layer.max_kept_per_problem, s.problems, s.step, _tag("cap", k))
+        plan = CorrectionPlan.from_selection(kept, owners)
         correct = rp >= c.correct_threshold
-        record.stats.update(
-            {
-                "layer2/probe_accuracy": float(correct.float().mean()),
-                "layer2/verified_queries": float(verified.numel()),
-                "layer2/kept_queries": float(len(plan)),
-                "layer2/kept_per_problem": len(plan) / B,
-                # corrections that state no answer of their own, so turn 2 keeps turn 1's
-                "layer2/probe_kept_turn1": float(sum(probe_kept_t1)) / max(1, len(probe_kept_t1)),
-                "tokens/probe": float(probe.num_tokens),
-                # joint: every query's group was generated, kept or not
-                "tokens/layer2_drawn": float(pregenerated.num_tokens) if c.joint_layer2 else 0.0,
-            }
-        )
-        for j in range(min(2, G)):
-            record.samples[j].update(correction=probe.texts[j], correction_reward=float(rp[j]))
+        if len(previous):  # empty only on a lockstep rank that kept nothing in the layer before
+            record.stats.update(
+                {
+                    f"layer{k}/probe_accuracy": float(correct.float().mean()),
+                    f"layer{k}/verified_queries": float(verified.numel()),
+                    f"layer{k}/kept_queries": float(len(plan)),
+                    f"layer{k}/kept_per_problem": len(plan) / len(s.problems),
+                    # corrections that state no answer of their own, so this turn keeps the previous one's
+                    f"layer{k}/probe_kept_turn1": float(sum(probe_kept)) / max(1, len(probe_kept)),
+                    f"tokens/{_tag('probe', k)}": float(probe.num_tokens),
+                    # joint: every query's group was generated, kept or not
+                    f"tokens/layer{k}_drawn": float(pregenerated.num_tokens) if c.joint_layer2 else 0.0,
+                }
+            )
+        if k == 2:
+            for j in range(min(2, len(probe))):
+                record.samples[j].update(correction=probe.texts[j], correction_reward=float(rp[j]))
         return _Probes(queries, guides, probe, pregenerated, correct, plan)
 
     def _corrections(
-        self, engine: GenerationEngine, s: _Step, first: Generation, probes: _Probes, record: StepRecord
+        self,
+        engine: GenerationEngine,
+        s: _Step,
+        layer: CorrectionLayer,
+        previous: LayerRows,
+        probes: _Probes,
+        record: StepRecord,
     ) -> LayerRows:
         """H samples per kept query (the verified probe first when ``reuse_probe``), scored; one GRPO group each."""
-        c = self.config
-        K, H, fresh = len(probes.plan), c.num_corrections, c.fresh_corrections
+        c, k = self.config, layer.layer
+        K, H, fresh = len(probes.plan), layer.num_corrections, layer.fresh_corrections
         kept = probes.plan.query_index.tolist()
         if c.joint_layer2:
-            more = take(probes.pregenerated, [k * fresh + h for k in kept for h in range(fresh)])
+            more = take(probes.pregenerated, [q * fresh + h for q in kept for h in range(fresh)])
         else:
-            owners = [k // c.num_generations for k in kept]
-            args = (engine, [probes.queries[k] for k in kept], c.layer2_sampling, fresh, owners, s.seeds["layer2"])
+            owners = [previous.owners[q] for q in kept]
+            queries = [probes.queries[q] for q in kept]
+            args = (engine, queries, layer.sampling, fresh, owners, s.seeds[f"layer{k}"])
             more = self._timed(s, "generate", generate, *args)
+        if not K:
+            return LayerRows(k, [], [], [], torch.zeros(0), torch.zeros(0))
         rows: list[tuple[int, Generation, int]] = []  # (kept query, generation, its row there), group by group
-        for j, k in enumerate(kept):
-            rows += [(k, probes.probe, k)] if c.reuse_probe else []
-            rows += [(k, more, j * fresh + h) for h in range(fresh)]
+        for j, q in enumerate(kept):
+            rows += [(q, probes.probe, q)] if c.reuse_probe else []
+            rows += [(q, more, j * fresh + h) for h in range(fresh)]
         group = Generation(
             [gen.token_ids[i] for _, gen, i in rows],
             [gen.texts[i] for _, gen, i in rows],
@@ -201,19 +241,21 @@ class MGRPORollout(TwoTurnEvaluator):
         logprobs = None
         if more.logprobs is not None and probes.probe.logprobs is not None:
             logprobs = [gen.logprobs[i] for _, gen, i in rows]  # type: ignore[index]
-        sources = [k for k, _, _ in rows]
-        scored, _ = self._turn2_texts([first.texts[k] for k in sources], [probes.guides[k] for k in sources], group)
-        r2 = self._timed(s, "reward", self._score, scored, [s.answers[k] for k in sources], record.stats)
-        adv2 = group_advantages(r2.view(K, H), c.advantage_scaling, c.advantage_eps).flatten()
+        sources = [q for q, _, _ in rows]
+        owners = [previous.owners[q] for q in sources]
+        judged = [previous.judged[q] for q in sources]
+        scored, _ = self._turn2_texts(judged, [probes.guides[q] for q in sources], group)
+        r = self._timed(s, "reward", self._score, scored, s.answers(owners), record.stats)
+        adv = group_advantages(r.view(K, H), c.advantage_scaling, c.advantage_eps).flatten()
         stats = record.stats
-        stats["reward/layer2"] = float(r2.mean())
-        stats["tokens/layer2"] = float(sum(len(t) for t in group.token_ids))
+        stats[f"reward/layer{k}"] = float(r.mean())
+        stats[f"tokens/layer{k}"] = float(sum(len(t) for t in group.token_ids))
         if not c.joint_layer2:
             # A reused probe was drawn, and counted, as a probe already.
-            reused = sum(len(probes.probe.token_ids[k]) for k in kept) if c.reuse_probe else 0
-            stats["tokens/layer2_drawn"] = stats["tokens/layer2"] - reused
-        queries = [probes.queries[k] for k in sources]
-        return LayerRows(2, queries, group.token_ids, group.finished, r2, adv2, logprobs)
+            reused = sum(len(probes.probe.token_ids[q]) for q in kept) if c.reuse_probe else 0
+            stats[f"tokens/layer{k}_drawn"] = stats[f"tokens/layer{k}"] - reused
+        queries = [probes.queries[q] for q in sources]
+        return LayerRows(k, queries, group.token_ids, group.finished, r, adv, logprobs, owners, scored)
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -226,7 +268,9 @@ class MGRPORollout(TwoTurnEvaluator):
 
     def _finish(self, s: _Step, layers: list[LayerRows], record: StepRecord) -> None:
         stats = record.stats
-        generated = stats["tokens/layer1"] + stats.get("tokens/probe", 0.0) + stats.get("tokens/layer2_drawn", 0.0)
+        generated = stats["tokens/layer1"]
+        for k in range(2, (self.config.depth) + 1):
+            generated += stats.get(f"tokens/{_tag('probe', k)}", 0.0) + stats.get(f"tokens/layer{k}_drawn", 0.0)
         finished = [f for rows in layers for f in rows.finished]
         stats.update(
             {

@@ -1,4 +1,4 @@
-"""Settings of the two-layer rollout (what to generate, how many, how to score it)."""
+"""Settings of the layered rollout (what to generate, how many layers, how to score it)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,48 @@ DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer wit
 
 
 @dataclass
+class CorrectionLayerSettings:
+    """One correction layer's settings where they differ from the shared ones (``--data.rollout.layer_overrides``);
+    a field left null takes the shared setting of the same name.
+
+    Attributes:
+        num_corrections: H of this layer: samples per kept query.
+        guide_phrases: The pool this layer's guide phrases are drawn from.
+        correction_sampling: Sampling of this layer's probes and samples (its temperature must equal layer 1's).
+        max_kept_per_problem: Most of this layer's queries kept per problem.
+    """
+
+    num_corrections: int | None = None
+    guide_phrases: list[str] | None = None
+    correction_sampling: SamplingConfig | None = None
+    max_kept_per_problem: int | None = None
+
+
+@dataclass(frozen=True)
+class CorrectionLayer:
+    """The settings one correction layer runs with: its overrides resolved against the shared settings."""
+
+    layer: int
+    num_corrections: int
+    fresh_corrections: int
+    sampling: SamplingConfig
+    max_kept_per_problem: int | None
+    guide_phrases: tuple[str, ...]
+
+
+@dataclass
 class RolloutConfig:
     """How one training step's rollouts are produced (paper Sec. 4).
 
     Attributes:
         num_generations: G, layer-1 samples per problem (one GRPO group).
-        layer2: Run the self-correction layer; False gives the one-round GRPO baseline.
+        layer2: Run the self-correction layer; False gives the one-round GRPO baseline (``num_layers`` 1).
+        num_layers: N, the layers of a training step: 1 is one-round GRPO, 2 the paper's MGRPO, and each further
+            layer k+1 corrects layer k: its query is a layer-k query ⊕ that query's sample ⊕ a fresh guide phrase,
+            one assistant turn, with the same probe, selection and H-sample groups as layer 2. Null: 2, or 1 with
+            ``layer2: false``.
+        layer_overrides: Per correction layer k (2..N), the settings that differ from the shared ones
+            (``CorrectionLayerSettings``), e.g. ``{3: {num_corrections: 2, max_kept_per_problem: 1}}``.
         num_corrections: H, samples per kept layer-2 query (one layer-2 GRPO group).
         reuse_probe: Count the verified probe correction as one of the H samples (H-1 new ones are drawn).
             The paper draws H fresh variations, so this is off by default.
@@ -62,7 +98,8 @@ class RolloutConfig:
         eval_turn2: ``continue`` (MGRPO's protocol: the guide continues the assistant turn) or ``new_turn`` (the
             guide is a new user message after the turn-1 answer, as in intrinsic self-correction baselines).
         eval_turns: Turns per problem at evaluation (>= 2): turn t continues turn t-1 with the evaluation phrase
-            again, giving Acc@t1 ... Acc@tN and the transitions of each consecutive pair and of t1 -> tN.
+            again, giving Acc@t1 ... Acc@tN and the transitions of each consecutive pair and of t1 -> tN. Null: as
+            many as the training layers, at least 2.
         seed: Seed of the guide-phrase draws.
         seed_per_problem: Draw every problem's samples and guide phrases from a generator seeded by
             ``(seed, step, problem id)``, so a problem gets the same rollout whichever rank or batch it lands in
@@ -72,6 +109,8 @@ class RolloutConfig:
 
     num_generations: int = 8
     layer2: bool = True
+    num_layers: int | None = None
+    layer_overrides: dict[int, CorrectionLayerSettings] = field(default_factory=dict)
     num_corrections: int = 4
     reuse_probe: bool = False
     joint_layer2: bool = False
@@ -91,12 +130,13 @@ class RolloutConfig:
     eval_samples: int = 1
     eval_guide: str | None = DEFAULT_EVAL_GUIDE
     eval_turn2: Literal["continue", "new_turn"] = "continue"
-    eval_turns: int = 2
+    eval_turns: int | None = None
     seed: int = 0
     seed_per_problem: bool = False
 
     def __post_init__(self) -> None:
-        if self.eval_turns < 2:
+        self._resolve_layers()
+        if self.turns < 2:
             raise ConfigError(
                 f"--data.rollout.eval_turns must be >= 2 (turn 1 and a correction), got {self.eval_turns}"
             )
@@ -114,7 +154,7 @@ class RolloutConfig:
                 f"--data.rollout.max_kept_per_problem must be >= 1 (or null to keep every verified query), got "
                 f"{self.max_kept_per_problem}"
             )
-        if self.layer2 and not self.guide_phrases:
+        if self.depth >= 2 and not self.guide_phrases:
             raise ConfigError("--data.rollout.guide_phrases is empty but layer 2 is on: give at least one phrase")
         if not self.guide_phrases and self.eval_guide is None:
             raise ConfigError(
@@ -149,18 +189,84 @@ class RolloutConfig:
                 "advantages are 0 and nothing is learned",
                 stacklevel=2,
             )
-        if self.layer2 and self.num_corrections == 1:
+        if self.depth >= 2 and self.num_corrections == 1:
             warnings.warn(
                 "--data.rollout.num_corrections (H) is 1: every layer-2 group has a single sample, so its advantage "
                 "is 0 and layer 2 trains only through the KL term",
                 stacklevel=2,
             )
-        elif self.layer2 and self.correction_sampling is not None and self.correction_sampling.greedy:
+        elif self.depth >= 2 and self.correction_sampling is not None and self.correction_sampling.greedy:
             warnings.warn(
                 "--data.rollout.correction_sampling.temperature is 0 with H > 1: every layer-2 group's samples are "
                 "identical, so their advantages are 0 and layer 2 learns nothing",
                 stacklevel=2,
             )
+
+    def _resolve_layers(self) -> None:
+        """``layer2`` and ``num_layers`` agree, and every override is checked."""
+        # The fields stay as given (null included): the CLI takes a default instance's fields as its defaults, so a
+        # value derived here would then pin what a later flag should still derive.
+        if self.num_layers is not None and not self.layer2 and self.num_layers != 1:
+            raise ConfigError(
+                f"--data.rollout.layer2=false asks for one layer but --data.rollout.num_layers={self.num_layers}: "
+                "drop one of them"
+            )
+        if self.depth < 1:
+            raise ConfigError(f"--data.rollout.num_layers must be >= 1, got {self.num_layers}")
+        for k, override in self.layer_overrides.items():
+            flag = f"--data.rollout.layer_overrides.{k}"
+            if not isinstance(k, int) or not 2 <= k <= self.depth:
+                raise ConfigError(
+                    f"{flag}: only correction layers 2..{self.depth} (--data.rollout.num_layers) can be overridden"
+                )
+            if isinstance(override, dict):  # given as a mapping in Python rather than parsed from the CLI
+                self.layer_overrides[k] = override = CorrectionLayerSettings(**override)
+            layer = self.correction_layer(k)
+            if layer.num_corrections < 1 or (self.reuse_probe and layer.num_corrections < 2):
+                least = 2 if self.reuse_probe else 1
+                raise ConfigError(f"{flag}.num_corrections must be >= {least}, got {layer.num_corrections}")
+            if layer.max_kept_per_problem is not None and layer.max_kept_per_problem < 1:
+                raise ConfigError(f"{flag}.max_kept_per_problem must be >= 1, got {layer.max_kept_per_problem}")
+            if not layer.guide_phrases or any(not phrase.strip() for phrase in layer.guide_phrases):
+                raise ConfigError(f"{flag}.guide_phrases must hold at least one phrase and no blank one")
+            if layer.sampling.temperature != self.sampling.temperature:
+                raise ConfigError(
+                    f"{flag}.correction_sampling.temperature={layer.sampling.temperature} differs from "
+                    f"--data.rollout.sampling.temperature={self.sampling.temperature}: every layer's log-probs are "
+                    "taken at the one temperature of --model.temperature; set them equal"
+                )
+
+    def correction_layer(self, k: int) -> CorrectionLayer:
+        """Correction layer ``k``'s settings (k >= 2): its ``layer_overrides`` entry over the shared ones."""
+        o = self.layer_overrides.get(k) or CorrectionLayerSettings()
+        h = o.num_corrections if o.num_corrections is not None else self.num_corrections
+        return CorrectionLayer(
+            layer=k,
+            num_corrections=h,
+            fresh_corrections=h - 1 if self.reuse_probe else h,
+            sampling=o.correction_sampling or self.layer2_sampling,
+            max_kept_per_problem=o.max_kept_per_problem
+            if o.max_kept_per_problem is not None
+            else self.max_kept_per_problem,
+            guide_phrases=tuple(o.guide_phrases if o.guide_phrases is not None else self.guide_phrases),
+        )
+
+    @property
+    def depth(self) -> int:
+        """N, the layers of a training step: ``num_layers``, else 2 (1 with ``layer2: false``)."""
+        if self.num_layers is not None:
+            return self.num_layers
+        return 2 if self.layer2 else 1
+
+    @property
+    def turns(self) -> int:
+        """Turns of the evaluation: ``eval_turns``, else as many as the training layers and at least 2."""
+        return self.eval_turns if self.eval_turns is not None else max(2, self.depth)
+
+    @property
+    def correction_layers(self) -> list[CorrectionLayer]:
+        """Layers 2..N's settings, in order."""
+        return [self.correction_layer(k) for k in range(2, self.depth + 1)]
 
     @property
     def fresh_corrections(self) -> int:

@@ -90,7 +90,7 @@ class RolloutBatch:
         sequences: N 1-D long tensors, prompt (or layer-2 query) followed by the completion.
         prompt_lengths: [N] long, number of leading tokens of each sequence that are context, not trained.
         advantages: [N] float32, the group-relative advantage of each completion.
-        layer: [N] long, 1 or 2.
+        layer: [N] long, the layer of each row (1 ... ``num_layers``).
         truncated: [N] bool, completion was cut at the length limit.
         engine_logprobs: N 1-D float tensors (completion tokens only) from the engine, or None.
         rewards: [N] float32 reward of each completion.
@@ -101,6 +101,8 @@ class RolloutBatch:
         samples: A few decoded examples for the completions logger.
         weights_checksum: Checksum of the engine weights that generated this batch (on-policy checks); None when the
             engine generates with the policy module itself (``TransformersEngine(share_weights=True)``).
+        num_layers: The layers the rollout was configured with (N), the same on every rank, whether or not each
+            layer kept a row: the loss's per-layer terms and statistics are keyed by it.
     """
 
     sequences: list[Tensor]
@@ -116,6 +118,7 @@ class RolloutBatch:
     stats: dict[str, float] = field(default_factory=dict)
     samples: list[dict[str, object]] = field(default_factory=list)
     weights_checksum: float | None = None
+    num_layers: int = 2
 
     def __len__(self) -> int:
         return len(self.sequences)

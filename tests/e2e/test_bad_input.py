@@ -122,8 +122,9 @@ def _has_trained(root: Path) -> bool:
 def test_eval_prompt_longer_than_the_context_names_problem_and_flag(tiny_model_path, tmp_path):
     path = _jsonl(tmp_path / "long.jsonl", [GOOD, {"question": LONG_QUESTION, "answer": "900"}])
     message = (
-        r"long\.jsonl, line 2: problem 'long:2': \d+ prompt tokens \+ --data.rollout.eval_sampling.max_new_tokens=16 "
-        r"exceed the model's context of 2048 tokens"
+        r"long\.jsonl, line 2: problem 'long:2': \d+ prompt tokens \+ \d+ for "
+        r"--data.rollout.eval_sampling.max_new_tokens x 2 turns and their guide phrases exceed the model's context "
+        r"of 2048 tokens"
     )
     with pytest.raises(DatasetError, match=message):
         _mgrpo(
@@ -137,7 +138,10 @@ def test_eval_prompt_longer_than_the_context_names_problem_and_flag(tiny_model_p
 def test_training_prompt_longer_than_the_context_stops_before_the_first_step(tiny_model_path, tmp_path):
     rows = [GOOD] * 3 + [{"question": LONG_QUESTION, "answer": "900"}] + [GOOD] * 2
     path = _jsonl(tmp_path / "train.jsonl", rows)
-    message = r"train\.jsonl, line 4: problem 'train:4': \d+ prompt tokens \+ --data.rollout.sampling.max_new_tokens=16"
+    message = (
+        r"train\.jsonl, line 4: problem 'train:4': \d+ prompt tokens \+ \d+ for --data.rollout.sampling.max_new_tokens "
+        r"and, for each of the 1 correction layer\(s\) \(--data.rollout.num_layers\), its guide phrase"
+    )
     with pytest.raises(DatasetError, match=message + ".*add `on_error: skip` to the set's options"):
         _mgrpo(tiny_model_path, tmp_path, "--data.train.source=jsonl", f"--data.train.options={{path: {path}}}")
     assert not _has_trained(tmp_path)  # found when the loaders were built, not at the step that drew it

@@ -5,8 +5,8 @@ import torch
 
 from mgrpo_pl.algo.correction import (
     DEFAULT_GUIDE_PHRASES,
+    CorrectionPlan,
     GuidePool,
-    Layer2Plan,
     build_correction_query,
     cap_per_problem,
     continuation_body,
@@ -56,9 +56,8 @@ def test_selection_and_bookkeeping():
     probe = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
     kept = select_verified(probe)
     assert kept.tolist() == [1, 3, 5]
-    plan = Layer2Plan.from_selection(kept, group_size=3)
+    plan = CorrectionPlan.from_selection(kept, 3)
     assert plan.problem_index.tolist() == [0, 1, 1]
-    assert plan.sample_index.tolist() == [1, 0, 2]
     assert plan.kept_per_problem(2).tolist() == [1, 2]
     assert len(plan) == 3
 
@@ -98,6 +97,6 @@ def test_cap_draws_uniformly_and_per_problem_generators_are_independent():
 
 
 def test_no_probe_verified_gives_empty_plan():
-    plan = Layer2Plan.from_selection(select_verified(torch.zeros(4)), group_size=2)
+    plan = CorrectionPlan.from_selection(select_verified(torch.zeros(4)), 2)
     assert len(plan) == 0
     assert plan.kept_per_problem(2).tolist() == [0, 0]
