@@ -50,7 +50,11 @@ class LossSettings:
             raise ConfigError(f"--model.loss.beta must be >= 0, got {self.beta}")
         if self.clip_eps <= 0 or (self.clip_eps_high is not None and self.clip_eps_high <= 0):
             raise ConfigError("--model.loss.clip_eps and --model.loss.clip_eps_high must be > 0")
-        bad = [k for k in self.layer_weights if not isinstance(k, int) or k < 2]
+        try:  # JSON and flattened checkpoint settings give the layer numbers as strings
+            self.layer_weights = {int(k): float(v) for k, v in self.layer_weights.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"--model.loss.layer_weights: give {{layer: weight}}, got {self.layer_weights}") from None
+        bad = [k for k in self.layer_weights if k < 2]
         if bad:
             raise ConfigError(f"--model.loss.layer_weights: keys are correction layers (2, 3, ...), got {bad}")
         if self.tis_cap is not None and self.tis_cap < 1:

@@ -67,5 +67,7 @@ def fit_to_context(
     if report.count:
         log.warning("%s: %s", set_name, report.summary().replace("row(s)", "problem(s) longer than the context"))
     if not kept:
-        raise DatasetError(set_name, f"no problem fits the model's context of {context} tokens with {budget} for {flag}")
+        raise DatasetError(
+            set_name, f"no problem fits the model's context of {context} tokens with {budget} for {flag}"
+        )
     return kept

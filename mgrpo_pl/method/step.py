@@ -70,9 +70,7 @@ class _Probes:
 
 def _tag(base: str, layer: int) -> str:
     """The name of a correction layer's statistic or seed: layer 2 keeps the names it had before deeper layers."""
-    if layer == 2:
-        return {"probe": "probe", "guide": "guide", "cap": "cap"}.get(base, base)
-    return f"{base}{layer}"
+    return base if layer == 2 else f"{base}{layer}"
 
 
 class MGRPORollout(TwoTurnEvaluator):
@@ -107,11 +105,10 @@ class MGRPORollout(TwoTurnEvaluator):
                 # other ranks generate, and their collectives need this rank's.
                 previous = self._corrections(engine, s, layer, previous, probes, record)
             record.stats[f"time/layer{layer.layer}_s"] = time.perf_counter() - tick
-            if not len(probes.plan):
-                if not engine.lockstep:
-                    break
-                continue
-            layers.append(previous)
+            if len(probes.plan):
+                layers.append(previous)
+            elif not engine.lockstep:
+                break  # nothing kept: no deeper layer either
         self._finish(s, layers, record)
         # An engine that generates with the policy module itself is on-policy by construction; fingerprinting every
         # weight for it would cost a pass over the whole model per step.
@@ -121,7 +118,7 @@ class MGRPORollout(TwoTurnEvaluator):
     # -- the layers ----------------------------------------------------------------------------------------------
     def _start(self, problems: Sequence[Problem], step: int) -> _Step:
         c = self.config
-        tags = ["layer1"] + [t for k in range(2, (c.depth) + 1) for t in (_tag("probe", k), f"layer{k}")]
+        tags = ["layer1"] + [t for k in range(2, c.depth + 1) for t in (_tag("probe", k), f"layer{k}")]
         seeds = {
             tag: [self._problem_seed(step, p, tag) for p in problems] if c.seed_per_problem else None for tag in tags
         }

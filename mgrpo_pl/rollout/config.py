@@ -213,7 +213,9 @@ class RolloutConfig:
             )
         if self.depth < 1:
             raise ConfigError(f"--data.rollout.num_layers must be >= 1, got {self.num_layers}")
-        for k, override in self.layer_overrides.items():
+        numbered = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in self.layer_overrides.items()}
+        self.layer_overrides = numbered  # JSON gives the layer numbers as strings
+        for k, override in numbered.items():
             flag = f"--data.rollout.layer_overrides.{k}"
             if not isinstance(k, int) or not 2 <= k <= self.depth:
                 raise ConfigError(

@@ -117,6 +117,25 @@ def test_fsdp2_matches_single_process(single, tiny_model_path, tmp_path):
     _assert_same_run(got, single)
 
 
+THREE_LAYERS = [
+    "--data.rollout.num_layers=3",
+    "--data.rollout.layer_overrides={3: {num_corrections: 3}}",
+    "--model.loss.layer_weights={3: 0.5}",
+]
+
+
+def test_ddp_matches_single_process_with_three_layers(tiny_model_path, tmp_path):
+    """Layer-3 counts, statistics and losses are reduced over ranks like layer 2's, whichever rank kept what."""
+    want = _mgrpo_fit(tmp_path / "single", tiny_model_path, "--data.batch_size=4", *THREE_LAYERS)
+    ddp = str(ROOT / "configs" / "strategies" / "ddp_cpu.yaml")
+    got = _mgrpo_fit(tmp_path / "ddp", tiny_model_path, "--config", ddp, *THREE_LAYERS)
+    _assert_same_run(got, want)
+    for tag in ("reward/layer3", "layer3/kept_queries", "layer3/probe_accuracy", "tokens/probe3", "tokens/layer3"):
+        assert got[tag] == want[tag], tag
+    assert got["train/loss_layer3"] == pytest.approx(want["train/loss_layer3"], abs=5e-8)
+    assert max(abs(v) for v in want["train/loss_layer3"]) > 1e-6, "layer 3 should be trained"
+
+
 @pytest.fixture()
 def early_ending_model(tiny_model_path, tmp_path):
     """The tiny model with 100 extra end-of-turn ids, so completions end early at random (different lengths)."""

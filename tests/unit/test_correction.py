@@ -100,3 +100,15 @@ def test_no_probe_verified_gives_empty_plan():
     plan = CorrectionPlan.from_selection(select_verified(torch.zeros(4)), 2)
     assert len(plan) == 0
     assert plan.kept_per_problem(2).tolist() == [0, 0]
+
+
+def test_cap_and_plan_with_the_problems_of_deeper_layer_candidates():
+    # A deeper layer's candidates are the previous layer's rows: problem 0 owns rows 0-2, problem 2 rows 3-7.
+    owners = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2])
+    kept = torch.tensor([0, 2, 3, 4, 6, 7])
+    out = cap_per_problem(kept, owners, 2, torch.Generator().manual_seed(0))
+    assert set(out.tolist()) <= set(kept.tolist()) and out.tolist() == sorted(out.tolist())
+    assert torch.bincount(owners[out], minlength=3).tolist() == [2, 0, 2]
+    plan = CorrectionPlan.from_selection(kept, owners)
+    assert plan.problem_index.tolist() == [0, 0, 2, 2, 2, 2]
+    assert plan.kept_per_problem(3).tolist() == [2, 0, 4]

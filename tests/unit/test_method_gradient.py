@@ -124,8 +124,8 @@ def _engine_logprobs(behaviour: list[Tensor]) -> list[Tensor]:
 def _paper_loss(
     policy: nn.Module, reference: nn.Module, batch: RolloutBatch, engine: list[Tensor] | None
 ) -> tuple[Tensor, Tensor]:
-    """(L_1, L_2) written from the equations, one completion at a time."""
-    per_layer: dict[int, list[Tensor]] = {1: [], 2: []}
+    """(L_1, L_2, ...) written from the equations, one completion at a time."""
+    per_layer: dict[int, list[Tensor]] = {k: [] for k in sorted(set(batch.layer.tolist()))}
     for seq, plen, adv, layer in zip(batch.sequences, batch.prompt_lengths, batch.advantages, batch.layer):
         logp = _token_logprobs(policy, seq, int(plen))
         with torch.no_grad():
@@ -134,11 +134,11 @@ def _paper_loss(
         ratio = torch.exp(logp - old)
         surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - CLIP_EPS, 1 + CLIP_EPS) * adv)
         if engine is not None:
-            row = len(per_layer[1]) + len(per_layer[2])
+            row = sum(len(losses) for losses in per_layer.values())
             surrogate = surrogate * torch.clamp(torch.exp(old - engine[row]), max=TIS_CAP)
         kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3, Eq. 2: pi_ref/pi - log(pi_ref/pi) - 1
         per_layer[int(layer)].append((-(surrogate - BETA * kl)).mean())  # mean over the completion's tokens
-    return torch.stack(per_layer[1]).mean(), torch.stack(per_layer[2]).mean()  # mean over the layer's completions
+    return tuple(torch.stack(losses).mean() for losses in per_layer.values())  # mean over the layer's completions
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +222,40 @@ def test_step_gradient_is_the_paper_objectives(module, plain_policy, layout, tis
     assert error < 1e-5, f"relative gradient error {error:.2e}"
     for name, g in want.items():
         torch.testing.assert_close(got[name], g, atol=1e-5 * float(flat_want.abs().max()), rtol=1e-4, msg=name)
+
+
+LAYER3_WEIGHT = 0.25
+
+
+def test_three_layer_gradient_weights_each_layer(module, plain_policy):
+    """A layer-3 group (H=2, r = [1, 0]: A = +-(1/2) / (sqrt(1/2) + eps)) continuing the first layer-2 row: the step
+    is the gradient of ``L_1 + layer2_weight * L_2 + w_3 * L_3`` with w_3 from ``--model.loss.layer_weights``."""
+    batch = _batch(len(module.tokenizer), seed=1)
+    g = torch.Generator().manual_seed(2)
+    query = torch.cat([batch.sequences[8][:-1], torch.randint(3, len(module.tokenizer), (3,), generator=g)])
+    rows = [torch.cat([query, torch.randint(3, len(module.tokenizer), (n,), generator=g)]) for n in (3, 5)]
+    a = 0.5 / (math.sqrt(0.5) + ADV_EPS)
+    batch.sequences += rows
+    batch.prompt_lengths = torch.cat([batch.prompt_lengths, torch.tensor([len(query)] * 2)])
+    batch.advantages = torch.cat([batch.advantages, torch.tensor([a, -a])])
+    batch.layer = torch.cat([batch.layer, torch.tensor([3, 3])])
+    batch.truncated = torch.zeros(len(rows) + 14, dtype=torch.bool)
+    batch.rewards = torch.cat([batch.rewards, torch.tensor([1.0, 0.0])])
+    batch.num_layers = 3
+    module.loss_settings.layer_weights = {3: LAYER3_WEIGHT}
+    try:
+        module.policy.zero_grad(set_to_none=True)
+        sums, _ = module.backward_batch(batch)
+    finally:
+        module.loss_settings.layer_weights = {}
+    got = torch.cat([p.grad.flatten() for p in module.policy.parameters()])
+    plain_policy.zero_grad(set_to_none=True)
+    loss1, loss2, loss3 = _paper_loss(plain_policy, module.reference, batch, None)
+    (loss1 + LAYER2_WEIGHT * loss2 + LAYER3_WEIGHT * loss3).backward()
+    want = torch.cat([p.grad.flatten() for p in plain_policy.parameters()])
+    assert sums["loss/layer3"] == pytest.approx(loss3.item(), abs=1e-6)
+    error = float((got - want).norm() / want.norm())
+    assert error < 1e-5, f"relative gradient error {error:.2e}"
 
 
 def test_hand_advantages_are_the_pipelines():
