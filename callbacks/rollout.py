@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
+from mgrpo_pl.modeling.lora import merged_weights
 from mgrpo_pl.rollout.engines import GenerationEngine, build_engine, param_checksum
 from mgrpo_pl.rollout.source import RolloutSource
 
@@ -92,6 +93,10 @@ def policy_weights(pl_module: LightningModule) -> Iterator[tuple[str, Tensor]]:
     policy = pl_module.policy
     if isinstance(policy, nn.parallel.DistributedDataParallel):
         policy = policy.module
+    if getattr(pl_module, "peft_model", None) is not None:
+        # LoRA: the base model's weights with the adapters folded in, under the base model's names.
+        yield from merged_weights(policy)
+        return
     root = _fsdp1_root(pl_module)
     if root is not None:
         yield from _fsdp1_weights(root)

@@ -17,7 +17,8 @@ process passes ``reduce=None`` and everything here is the identity.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -248,3 +249,13 @@ def pad_micro_batches(
         most = int(reduce(torch.tensor([len(micro)], device=device), "max").item())
         micro += [None] * (most - len(micro))
     return micro
+
+
+@contextlib.contextmanager
+def fsdp2_no_sync(model: nn.Module) -> Iterator[None]:
+    """FSDP2: accumulate unsharded gradients, without the reduce-scatter, until the block ends."""
+    model.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # type: ignore[operator]

@@ -19,8 +19,8 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from mgrpo_pl.distributed import (
     Reduce,
     check_fsdp1_wrapping,
+    fsdp2_no_sync,
     fully_shard_models,
     global_normalisers,
     global_rollout_stats,
@@ -43,33 +44,16 @@ from mgrpo_pl.layouts import AnyMicroBatch, completion_logprobs, micro_batch_lay
 from mgrpo_pl.method.loss import LossTerms, layer_counts, loss_layers, micro_batch_loss
 from mgrpo_pl.metrics import SelfCorrectionMetrics
 from mgrpo_pl.metrics.step_stats import StepSums, step_values
-from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer, resolve_model_path, zero_dropout
+from mgrpo_pl.modeling.lora import add_lora, drop_frozen, fill_frozen
 from mgrpo_pl.modeling.swiglu import patch_swiglu_mlps
 from mgrpo_pl.rollout.types import RolloutBatch
 from mgrpo_pl.schedules import warmup_schedule
-from mgrpo_pl.settings import EfficiencySettings, LossSettings, OptimSettings, settings_of
+from mgrpo_pl.settings import EfficiencySettings, LoraSettings, LossSettings, OptimSettings, settings_of
 
 
 def _default_optimizer(params: object) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)  # type: ignore[arg-type]
-
-
-@contextlib.contextmanager
-def _fsdp2_no_sync(model: nn.Module) -> Iterator[None]:
-    model.set_requires_gradient_sync(False)  # type: ignore[operator]
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)  # type: ignore[operator]
-
-
-def _zero_dropout(model: nn.Module) -> None:
-    """Set every dropout probability to 0: ``nn.Dropout`` modules and the attention-dropout floats HF keeps."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
 
 
 class MGRPOModule(TwoTurnEvaluation):
@@ -85,6 +69,7 @@ class MGRPOModule(TwoTurnEvaluation):
         loss: The loss (``mgrpo_pl.settings.LossSettings``).
         efficiency: How a step is computed: micro-batches, layouts, memory (``EfficiencySettings``).
         optim: Learning-rate schedule and gradient clipping (``OptimSettings``).
+        lora: LoRA adapters in place of full fine-tuning (``LoraSettings``; off unless ``r`` > 0).
         optimizer: Optimizer factory (YAML ``class_path``/``init_args``); AdamW lr 1e-6 by default.
         lr_scheduler: A custom scheduler factory; overrides ``optim.lr_schedule`` when given.
         results_dir: Where evaluation writes per-problem JSONL; defaults to the logger's folder.
@@ -100,6 +85,7 @@ class MGRPOModule(TwoTurnEvaluation):
         loss: LossSettings = LossSettings(),  # noqa: B008 - copied below; jsonargparse reads the defaults from it
         efficiency: EfficiencySettings = EfficiencySettings(),  # noqa: B008
         optim: OptimSettings = OptimSettings(),  # noqa: B008
+        lora: LoraSettings = LoraSettings(),  # noqa: B008
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         results_dir: str | None = None,
@@ -111,12 +97,13 @@ class MGRPOModule(TwoTurnEvaluation):
         self.loss_settings = settings_of(LossSettings, loss)
         self.efficiency = settings_of(EfficiencySettings, efficiency)
         self.optim = settings_of(OptimSettings, optim)
+        self.lora = settings_of(LoraSettings, lora)
         # Plain values only (the groups as dicts), so that a checkpoint loads with torch.load(weights_only=True).
         # results_dir is where this run writes, not a property of the model: kept out of the checkpoint.
         hparams = {"model": model, "dtype": dtype, "trust_remote_code": trust_remote_code}
         hparams |= {"temperature": temperature, "disable_dropout": disable_dropout}
         hparams |= {"loss": asdict(self.loss_settings), "efficiency": asdict(self.efficiency)}
-        self.save_hyperparameters(hparams | {"optim": asdict(self.optim)})
+        self.save_hyperparameters(hparams | {"optim": asdict(self.optim), "lora": asdict(self.lora)})
         self.automatic_optimization = False
         self.model_path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
@@ -125,6 +112,8 @@ class MGRPOModule(TwoTurnEvaluation):
         self.policy: nn.Module | None = None
         # The reference lives outside the module tree: not in the optimizer, not in checkpoints, never trained.
         self._reference: list[nn.Module] = []
+        # Under LoRA: peft's wrapper of the policy (outside the module tree too), for disable_adapter and export.
+        self._peft: list[nn.Module] = []
         self.train_transitions = SelfCorrectionMetrics()
         self._init_evaluation(results_dir)
 
@@ -148,12 +137,17 @@ class MGRPOModule(TwoTurnEvaluation):
         # from_pretrained returns eval mode; the policy trains in train mode (dropout, if kept, then applies).
         self.policy.train()
         if hp.disable_dropout:
-            _zero_dropout(self.policy)
+            zero_dropout(self.policy)  # before LoRA: the adapters' own dropout is --model.lora.dropout
+        if self.lora.enabled:
+            # In place: self.policy stays the Hugging Face model, now with adapters, and only they require grad.
+            self._peft = [add_lora(self.policy, self.lora)]
         if self.efficiency.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
+            if self.lora.enabled:  # reentrant checkpointing (older transformers) needs inputs that carry grad
+                self.policy.enable_input_require_grads()
         if self.efficiency.memory_efficient_mlp:
-            patch_swiglu_mlps(self.policy)
-        if self.loss_settings.beta > 0:
+            patch_swiglu_mlps(self.policy)  # leaves MLPs whose projections carry adapters as they are
+        if self.loss_settings.beta > 0 and not self.lora.enabled:  # LoRA's reference: the base, adapters off
             dtype = self.efficiency.reference_dtype or hp.dtype
             reference = load_causal_lm(self.model_path, dtype=dtype, trust_remote_code=hp.trust_remote_code)
             self._reference = [reference.eval().requires_grad_(False)]
@@ -188,7 +182,31 @@ class MGRPOModule(TwoTurnEvaluation):
 
     @property
     def reference(self) -> nn.Module | None:
+        """The frozen reference; None without the KL term and under LoRA (the policy, adapters off, serves)."""
         return self._reference[0] if self._reference else None
+
+    @property
+    def peft_model(self) -> nn.Module | None:
+        """peft's wrapper of the policy under LoRA (``save_pretrained``, ``merge_and_unload``), else None."""
+        return self._peft[0] if self._peft else None
+
+    def _reference_logprobs(self, mb: AnyMicroBatch) -> Tensor | None:
+        """The reference's log-probs of the micro-batch's completions, without gradient; None without the KL."""
+        if self.loss_settings.beta == 0:
+            return None
+        with torch.no_grad():
+            if self.peft_model is not None:
+                with self.peft_model.disable_adapter():
+                    return self._completion_logprobs(self.policy, mb)
+            return self._completion_logprobs(self.reference, mb) if self.reference is not None else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.peft_model is not None:  # LoRA: the adapters only; the frozen base is the model's own files
+            checkpoint["state_dict"] = drop_frozen(checkpoint["state_dict"], self.policy, "policy.")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.peft_model is not None:  # completed by the loaded base: the strict load still checks the adapters
+            fill_frozen(checkpoint["state_dict"], self.policy, "policy.")
 
     def on_fit_start(self) -> None:
         if self.reference is not None and not is_sharded(self.reference):
@@ -198,7 +216,8 @@ class MGRPOModule(TwoTurnEvaluation):
 
     def configure_optimizers(self) -> dict[str, object]:
         assert self.policy is not None, "configure_model must run first"
-        optimizer = self.optimizer_factory(self.policy.parameters())
+        # Only what trains (the adapters under LoRA): frozen weights get no optimizer state.
+        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is not None:
             scheduler = self.lr_scheduler_factory(optimizer)
         else:
@@ -261,12 +280,9 @@ class MGRPOModule(TwoTurnEvaluation):
             mb = collate(batch, rows if rows is not None else [0], pad_id, loss.mask_truncated)
             if rows is None:  # an empty pass: a row whose mask is all False adds nothing
                 mb = dataclasses.replace(mb, mask=torch.zeros_like(mb.mask))
-            ref_logp = None
-            if self.reference is not None:
-                # Before the policy's forward: the reference's transient activations are gone by the time the
-                # policy's graph is built, so the two never add up in peak memory.
-                with torch.no_grad():
-                    ref_logp = self._completion_logprobs(self.reference, mb)
+            # Before the policy's forward: the reference's transient activations are gone by the time the policy's
+            # graph is built, so the two never add up in peak memory.
+            ref_logp = self._reference_logprobs(mb)
             logp = self._completion_logprobs(self.policy, mb)
             result = micro_batch_loss(logp, ref_logp, mb, terms, counts, norm_length)
             if not torch.isfinite(result.loss):
@@ -284,7 +300,7 @@ class MGRPOModule(TwoTurnEvaluation):
             raise ConfigError(
                 "--model.loss.tis_cap needs the engine's behaviour log-probs, but this rollout batch has none"
             )
-        if loss.beta > 0 and self.reference is None:
+        if loss.beta > 0 and self.reference is None and self.peft_model is None:
             raise ConfigError(
                 f"--model.loss.beta={loss.beta} > 0 needs the frozen reference model, but none is loaded "
                 "(configure_model loads it only when beta > 0); set --model.loss.beta=0 to train without the KL term"
@@ -308,7 +324,7 @@ class MGRPOModule(TwoTurnEvaluation):
         if block is not None:
             return block()
         if hasattr(self.policy, "set_requires_gradient_sync"):
-            return _fsdp2_no_sync(self.policy)  # FSDP2: accumulate unsharded, reduce-scatter on the last backward
+            return fsdp2_no_sync(self.policy)  # FSDP2: accumulate unsharded, reduce-scatter on the last backward
         return contextlib.nullcontext()
 
     def _step_optimizer(self, optimizer: torch.optim.Optimizer) -> float:

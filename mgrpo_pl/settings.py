@@ -1,9 +1,9 @@
-"""``MGRPOModule``'s settings in three groups: the loss, how a step is computed, the optimisation schedule.
+"""``MGRPOModule``'s settings in four groups: the loss, how a step is computed, the optimisation schedule, LoRA.
 
 Each group is a dataclass whose attribute docstrings are the ``mgrpo fit --help`` text of its flags
-(``--model.loss.beta``, ``--model.efficiency.micro_batch_tokens``, ``--model.optim.warmup_ratio``); in YAML they are
-nested under ``model.loss``, ``model.efficiency`` and ``model.optim``. A bad value raises ``ConfigError`` naming its
-flag when the group is built.
+(``--model.loss.beta``, ``--model.efficiency.micro_batch_tokens``, ``--model.optim.warmup_ratio``,
+``--model.lora.r``); in YAML they are nested under ``model.loss``, ``model.efficiency``, ``model.optim`` and
+``model.lora``. A bad value raises ``ConfigError`` naming its flag when the group is built.
 """
 
 from __future__ import annotations
@@ -110,7 +110,35 @@ class OptimSettings:
     """Clip the gradient's global norm to this; null turns clipping off."""
 
 
-Settings = TypeVar("Settings", LossSettings, EfficiencySettings, OptimSettings)
+@dataclass
+class LoraSettings:
+    """LoRA adapters (peft) in place of full fine-tuning: only the adapters train and sit in the optimizer, the
+    reference is the same base model with the adapter off (no second copy), checkpoints hold the adapters only."""
+
+    r: int = 0
+    """Rank of the adapters; 0 (default) trains every weight."""
+    alpha: float = 32.0
+    """LoRA's alpha: the adapter's update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (kept by --model.disable_dropout, which zeroes the base model's only)."""
+    target_modules: str | list[str] = "all-linear"
+    """The modules that get adapters: peft's "all-linear" (every linear layer but the output head) or a list of
+    module names, e.g. [q_proj, k_proj, v_proj, o_proj]."""
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise ConfigError(f"--model.lora.r must be >= 0 (0 trains every weight), got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.r and not self.target_modules:
+            raise ConfigError("--model.lora.target_modules is empty: name the modules that get adapters")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+Settings = TypeVar("Settings", LossSettings, EfficiencySettings, OptimSettings, LoraSettings)
 
 
 def settings_of(kind: type[Settings], value: Settings | Mapping[str, Any] | None) -> Settings:

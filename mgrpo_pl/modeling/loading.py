@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mgrpo_pl.modeling.gguf_convert import SMOLLM2_NAME, ensure_smollm2
@@ -123,3 +124,12 @@ def load_causal_lm(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path, cache_dir), **kwargs)
+
+
+def zero_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0: ``nn.Dropout`` modules and the attention-dropout floats HF keeps."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

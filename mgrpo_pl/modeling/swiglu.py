@@ -125,7 +125,10 @@ def _swiglu_forward(self: nn.Module, x: Tensor) -> Tensor:
 def is_swiglu_mlp(module: nn.Module) -> bool:
     """Whether ``module`` is a known SwiGLU MLP class with a SiLU activation: ``down(silu(gate(x)) * up(x))``."""
     return (
-        type(module).__name__ in SWIGLU_MLP_CLASSES and type(getattr(module, "act_fn", None)).__name__ in _SILU_CLASSES
+        type(module).__name__ in SWIGLU_MLP_CLASSES
+        and type(getattr(module, "act_fn", None)).__name__ in _SILU_CLASSES
+        # Plain linears only: a projection with a LoRA adapter (or any other wrapper) adds to what its weight computes
+        and all(type(getattr(module, name, None)) is nn.Linear for name in ("gate_proj", "up_proj", "down_proj"))
     )
 
 

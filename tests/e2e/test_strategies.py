@@ -136,6 +136,21 @@ def test_ddp_matches_single_process_with_three_layers(tiny_model_path, tmp_path)
     assert max(abs(v) for v in want["train/loss_layer3"]) > 1e-6, "layer 3 should be trained"
 
 
+LORA = ["--model.lora.r=4", "--model.lora.alpha=8", "--model.optimizer.init_args.lr=5.0e-2"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_lora_matches_single_process(tiny_model_path, tmp_path, strategy):
+    """Only the adapters train and are all-reduced (DDP) or sharded (FSDP2); the reference is the base with the
+    adapters off on every rank; the engine gets the merged weights."""
+    want = _mgrpo_fit(tmp_path / "single", tiny_model_path, "--data.batch_size=4", *LORA)
+    ddp = str(ROOT / "configs" / "strategies" / "ddp_cpu.yaml")
+    extra = ["--trainer.strategy=fsdp2"] if strategy == "fsdp2" else []
+    got = _mgrpo_fit(tmp_path / strategy, tiny_model_path, "--config", ddp, *extra, *LORA)
+    _assert_same_run(got, want)
+    assert max(want["train/grad_norm"]) > 0
+
+
 @pytest.fixture()
 def early_ending_model(tiny_model_path, tmp_path):
     """The tiny model with 100 extra end-of-turn ids, so completions end early at random (different lengths)."""

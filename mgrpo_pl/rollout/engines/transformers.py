@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from mgrpo_pl.distributed import is_sharded
+from mgrpo_pl.modeling.lora import strip_adapters
 from mgrpo_pl.rollout.engines.base import GenerationEngine, end_token_ids, param_checksum
 from mgrpo_pl.rollout.engines.cpu.decoding import left_pad, sample_completions
 from mgrpo_pl.rollout.engines.cpu.prefix_cache import PrefixCache
@@ -67,7 +68,8 @@ def cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     frequencies of most models are kept in float32 on purpose.
     """
     memo = {id(p): nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False) for p in model.parameters()}
-    return copy.deepcopy(model, memo).eval().requires_grad_(False)
+    # A LoRA policy's copy is a plain model with the adapters folded in: the trainer pushes merged weights.
+    return strip_adapters(copy.deepcopy(model, memo)).eval().requires_grad_(False)
 
 
 class TransformersEngine(GenerationEngine):

@@ -61,6 +61,7 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
+from mgrpo_pl.modeling.lora import merged_weights
 from mgrpo_pl.rollout.engines.base import GenerationEngine, end_token_ids
 from mgrpo_pl.rollout.engines.vllm_weights import WeightSyncExtension, read_checkpoint_weights
 from mgrpo_pl.rollout.types import Generation, SamplingConfig
@@ -327,9 +328,9 @@ def _quiet(noise: tuple[str, tuple[str, ...]]) -> Iterator[None]:
 
 
 def _named_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """The policy's parameters under their HF names, detached (the initial push)."""
-    for name, param in model.named_parameters():
-        yield name, param.detach()
+    """The policy's parameters under their HF names, detached (the initial push); a LoRA policy's with its adapters
+    folded in, as the trainer pushes them."""
+    yield from merged_weights(model)
 
 
 _LOGGED: set[str] = set()
