@@ -6,6 +6,7 @@ fully resolved configuration. The config is saved beside the logs of every run.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sys
@@ -23,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mgrpo_pl.cli.checkpoint import LIGHTNING_CKPT_NAMES, read_hparams, resolve
 from mgrpo_pl.cli.defaults import default_callbacks, default_plugins
 from mgrpo_pl.cli.errors import EXIT_SIGTERM, MGRPOArgumentParser, debug_requested, fail
+from mgrpo_pl.cli.export import main as export_main
 from mgrpo_pl.data.datamodule import MGRPODataModule
 from mgrpo_pl.errors import InputError
 from mgrpo_pl.module import MGRPOModule
@@ -34,7 +36,8 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 DESCRIPTION = (
     "mgrpo: train language models to reason and to correct their own mistakes with MGRPO (multi-layer GRPO) on "
-    "PyTorch Lightning. `mgrpo <subcommand> --help` lists a subcommand's options."
+    "PyTorch Lightning. `mgrpo <subcommand> --help` lists a subcommand's options; `mgrpo export --help` how to "
+    "write a checkpoint as a Hugging Face folder."
 )
 SUBCOMMANDS = {
     "fit": "Train with MGRPO (GRPO with --data.rollout.layer2=false), evaluating the sets under data.val.",
@@ -169,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = args
     try:
+        if args[:1] == ["export"]:  # not a Trainer run: its own small parser (mgrpo_pl.cli.export)
+            export_main(args[1:])
+            return
         cli_main(None if argv is None else args)
     except SIGTERMException:
         raise SystemExit(EXIT_SIGTERM) from None
@@ -190,6 +196,10 @@ def _release_process_group() -> None:
     """
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
+        # The finished run's modules first (FSDP2 keeps communication state in reference cycles), while the group
+        # they communicate on still exists; then every rank leaves together.
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
