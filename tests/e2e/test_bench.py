@@ -127,3 +127,14 @@ def test_paired_ratios_compare_each_round_with_its_neighbour():
             "comparison": out,
         }
     )  # fmt: skip
+
+
+def test_lora_bench_runs_both_variants_and_reports_their_figures(tiny_model_path):
+    from scripts.bench.lora import main
+
+    flags = ["--config", "configs/tiny.yaml", "--model", str(tiny_model_path), "--steps", "2", "--max-new-tokens", "8"]
+    results = main(flags)
+    assert list(results) == ["full fine-tuning", "LoRA r=16"]
+    for name, figures in results.items():
+        assert figures["peak_rss_gib"] > 0.1 and figures["step_s"] > 0 and figures["train_s"] > 0, (name, figures)
+        assert figures["push_s"] >= 0, (name, figures)
