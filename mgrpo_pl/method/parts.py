@@ -79,11 +79,22 @@ class RolloutParts:
         self.think_ids = (
             tokenizer(config.think_close, add_special_tokens=False)["input_ids"] if config.think_close else []
         )
+        self._encoded: dict[str, list[int]] = {}
 
     # -- shared pieces ------------------------------------------------------------------------------------------
     def encode(self, problems: Sequence[Problem]) -> list[list[int]]:
+        """Each problem's prompt ids, tokenized once per question: the context check before training encodes every
+        problem, and each rollout and evaluation encodes its batch again."""
         c = self.config
-        return [encode_prompt(self.tokenizer, p.question, c.instruction, c.system_prompt) for p in problems]
+        out = []
+        for p in problems:
+            ids = self._encoded.get(p.question)
+            if ids is None:
+                ids = self._encoded[p.question] = encode_prompt(
+                    self.tokenizer, p.question, c.instruction, c.system_prompt
+                )
+            out.append(list(ids))  # a copy: callers own their lists
+        return out
 
     def context_budget(self, training: bool) -> tuple[int, str]:
         """Tokens the deepest query and its completion add to a prompt, and what they come from (for messages).

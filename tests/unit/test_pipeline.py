@@ -246,3 +246,20 @@ def test_generated_tokens_count_each_drawn_token_once(engine_and_tokenizer, reus
     assert batch.stats["tokens/layer2_drawn"] == drawn
     expected = batch.stats["tokens/layer1"] + batch.stats["tokens/probe"] + drawn
     assert batch.stats["tokens/generated"] == expected
+
+
+def test_each_question_is_tokenized_once_and_callers_get_their_own_lists(engine_and_tokenizer, monkeypatch):
+    from mgrpo_pl.method import encode_prompt
+
+    _, tok = engine_and_tokenizer
+    pipeline = MGRPORollout(_config(), tok, ParityReward())
+    calls = []
+    real = tok.apply_chat_template
+    monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = pipeline.encode(PROBLEMS)
+    first[0].append(-1)  # a caller changing its list changes nothing for the next
+    again = pipeline.encode(PROBLEMS + [Problem(id="new", question="What is 9 + 9?", answer="18")])
+    assert len(calls) == len(PROBLEMS) + 1
+    config = pipeline.config
+    want = [encode_prompt(tok, p.question, config.instruction, config.system_prompt) for p in PROBLEMS]
+    assert again[: len(PROBLEMS)] == want
