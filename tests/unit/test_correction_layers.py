@@ -17,12 +17,13 @@ import math
 
 import pytest
 import torch
+from recording import GoldModReward, Recorder, score
 
 from mgrpo_pl.data.loaders import Problem
 from mgrpo_pl.errors import ConfigError
 from mgrpo_pl.method import MGRPORollout
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
-from mgrpo_pl.rewards import Reward, read_final_answer
+from mgrpo_pl.rewards import read_final_answer
 from mgrpo_pl.rollout.config import CorrectionLayerSettings, RolloutConfig
 from mgrpo_pl.rollout.engines import TransformersEngine
 from mgrpo_pl.rollout.types import SamplingConfig
@@ -32,32 +33,6 @@ G, H2, H3 = 4, 3, 2
 GUIDES = ["Wait, let me double-check that.", "Hmm, let me check again."]
 GUIDES3 = ["Once more, carefully:", "Let me verify the last step."]
 SEP = "\n\n"
-
-
-def score(text: str, gold: str) -> float:
-    """0, 0.5 or 1 from the text's length and the gold answer: depends on both."""
-    return ((len(text) + int(gold)) % 3) / 2
-
-
-class GoldModReward(Reward):
-    def __call__(self, completions, answers):
-        return torch.tensor([score(c, a) for c, a in zip(completions, answers)])
-
-
-class Recorder:
-    """The real engine, with each generate call's prompts, n and result kept."""
-
-    def __init__(self, engine: TransformersEngine) -> None:
-        self._engine = engine
-        self.calls: list[tuple[list[list[int]], int, object, int]] = []
-
-    def generate(self, prompts, sampling, n=1):
-        out = self._engine.generate(prompts, sampling, n=n)
-        self.calls.append(([list(p) for p in prompts], n, out, sampling.max_new_tokens))
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +74,10 @@ def test_layer_three_corrects_layer_two(model_and_tokenizer, scoring):
     torch.manual_seed(5)
     batch = MGRPORollout(config, tok, GoldModReward()).rollout(engine, PROBLEMS)
     assert len(engine.calls) == 5, "layer 1, layer-2 probes and groups, layer-3 probes and groups"
-    (_, _, first, _), (q2, _, probe2, _), (k2, n2, group2, _), (q3, _, probe3, len3), (k3, n3, group3, len3b) = (
-        engine.calls
-    )
+    first, probe2, group2, probe3, group3 = (call.out for call in engine.calls)
+    q2, k2, q3, k3 = (engine.calls[i].prompts for i in (1, 2, 3, 4))
+    n2, n3 = engine.calls[2].n, engine.calls[4].n
+    len3, len3b = (engine.calls[i].sampling.max_new_tokens for i in (3, 4))
     assert (n2, n3, len3, len3b) == (H2, H3, 6, 6)  # layer 3's own H and max_new_tokens
     end = set(engine.end_ids)
     gold = [p.answer for p in PROBLEMS]

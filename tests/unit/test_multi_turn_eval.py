@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recording import Recorder
 
 from mgrpo_pl.data.problems import Problem
 from mgrpo_pl.errors import ConfigError
@@ -32,22 +33,6 @@ class LengthParity(Reward):
         return torch.tensor([float(len(c) % 2 == 0) for c in completions])
 
 
-class Recorder:
-    """The real engine, with each generate call's prompts and result kept."""
-
-    def __init__(self, engine: TransformersEngine) -> None:
-        self._engine = engine
-        self.calls: list[tuple[list[list[int]], object]] = []
-
-    def generate(self, prompts, sampling, n=1):
-        out = self._engine.generate(prompts, sampling, n=n)
-        self.calls.append(([list(p) for p in prompts], out))
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-
 @pytest.fixture(scope="module")
 def three_turns(tiny_model_path):
     model, tokenizer = load_causal_lm(str(tiny_model_path)), load_tokenizer(str(tiny_model_path))
@@ -68,7 +53,8 @@ def three_turns(tiny_model_path):
 def test_turn_three_continues_turn_two_with_the_guide_again(three_turns):
     rollout, engine, batch, tokenizer = three_turns
     assert len(engine.calls) == 3  # one call per turn
-    (_, first), (turn2_queries, second), (turn3_queries, third) = engine.calls
+    first, second, third = (call.out for call in engine.calls)
+    turn2_queries, turn3_queries = engine.calls[1].prompts, engine.calls[2].prompts
     guide = tokenizer(rollout.config.guide_separator + GUIDE, add_special_tokens=False)["input_ids"]
     end = set(engine.end_ids)
     for i, query in enumerate(turn3_queries):
@@ -83,7 +69,7 @@ def test_turn_three_continues_turn_two_with_the_guide_again(three_turns):
 
 def test_every_turn_is_scored_and_recorded(three_turns):
     _, engine, batch, _ = three_turns
-    texts = [out.texts for _, out in engine.calls]
+    texts = [call.out.texts for call in engine.calls]
     expected = [torch.tensor([len(t) % 2 == 0 for t in turn]) for turn in texts]  # "correction": each text alone
     assert len(batch.correct) == 3
     for turn, (got, want) in enumerate(zip(batch.correct, expected), 1):

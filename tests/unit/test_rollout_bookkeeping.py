@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recording import GoldModReward, Recorder, score
 
 from mgrpo_pl.algo.advantages import group_advantages
 from mgrpo_pl.data.loaders import Problem
 from mgrpo_pl.method import MGRPORollout
 from mgrpo_pl.modeling.loading import load_causal_lm, load_tokenizer
-from mgrpo_pl.rewards import Reward, read_final_answer
+from mgrpo_pl.rewards import read_final_answer
 from mgrpo_pl.rollout.config import RolloutConfig
 from mgrpo_pl.rollout.engines import TransformersEngine
 from mgrpo_pl.rollout.types import SamplingConfig
@@ -34,38 +35,6 @@ GUIDES = ["Wait, let me double-check that.", "Hmm, let me check again.", "Let me
 SEP = "\n\n"
 
 
-def score(text: str, gold: str) -> float:
-    """0, 0.5 or 1 from the text's length and the gold answer: depends on both, and not only 0/1."""
-    return ((len(text) + int(gold)) % 3) / 2
-
-
-class GoldModReward(Reward):
-    """``score`` per item; records each call's (completions, answers)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[list[str], list[str]]] = []
-
-    def __call__(self, completions, answers):
-        self.calls.append((list(completions), list(answers)))
-        return torch.tensor([score(c, a) for c, a in zip(completions, answers)])
-
-
-class Recorder:
-    """The real engine, with each generate call's prompts, n and result kept."""
-
-    def __init__(self, engine: TransformersEngine) -> None:
-        self._engine = engine
-        self.calls: list[tuple[list[list[int]], int, object]] = []
-
-    def generate(self, prompts, sampling, n=1):
-        out = self._engine.generate(prompts, sampling, n=n)
-        self.calls.append(([list(p) for p in prompts], n, out))
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model_path):
     return load_causal_lm(str(tiny_model_path)), load_tokenizer(str(tiny_model_path))
@@ -74,11 +43,11 @@ def model_and_tokenizer(tiny_model_path):
 def _phase(recorder: Recorder, n: int):
     """Every prompt and sample of the calls made with ``n`` samples per prompt, in call order."""
     prompts, tokens, texts = [], [], []
-    for call_prompts, call_n, out in recorder.calls:
-        if call_n == n:
-            prompts += call_prompts
-            tokens += out.token_ids
-            texts += out.texts
+    for call in recorder.calls:
+        if call.n == n:
+            prompts += call.prompts
+            tokens += call.out.token_ids
+            texts += call.out.texts
     return prompts, tokens, texts
 
 
