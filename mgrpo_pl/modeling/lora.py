@@ -83,11 +83,6 @@ def delta_weight(module: nn.Module) -> Tensor:
     return delta.T if getattr(module, "fan_in_fan_out", False) else delta
 
 
-def trainable_names(model: nn.Module) -> set[str]:
-    """Names of the parameters that train (the adapters under LoRA)."""
-    return {name for name, param in model.named_parameters() if param.requires_grad}
-
-
 def strip_adapters(model: nn.Module) -> nn.Module:
     """``model`` (a copy: it is changed in place) as a plain model: each LoRA layer replaced by its base linear with
     the adapter folded into the weight. An engine's private copy then has the base model's names, which is what

@@ -11,7 +11,7 @@ a rollout-sized sampled call: serving through LoRA adds the adapters' products t
 
 Examples:
     python -m scripts.bench.lora_push                 # the demo model, r=16, about 2 minutes on 2 CPU cores
-    python -m scripts.bench.lora_push --model tiny --rank 4
+    python -m scripts.bench.lora_push --model tiny --rank 8    # vLLM takes ranks 1, 8, 16, 32, ...
 """
 
 from __future__ import annotations
@@ -25,16 +25,7 @@ from pathlib import Path
 
 import torch
 
-
-def _rollout_time(fn, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls after one untimed warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from scripts.bench.rollout import median_time
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.update_weights(merged_weights(policy))
         merged_s.append(engine.last_push_s)
     merged_text = engine.generate(prompts, greedy).texts
-    merged_gen = _rollout_time(lambda: engine.generate(rollout, sampled, n=4), args.repeats)
+    merged_gen, _ = median_time(lambda: engine.generate(rollout, sampled, n=4), args.repeats)
     engine.close()
 
     lora_engine = VLLMEngine(
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         lora_text = [tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outs]
         params = SamplingParams(n=4, max_tokens=sampled.max_new_tokens, temperature=sampled.temperature, seed=0)
         requests = [TokensPrompt(prompt_token_ids=p) for p in rollout]
-        lora_gen = _rollout_time(
+        lora_gen, _ = median_time(
             lambda: llm.generate(requests, params, lora_request=lora, use_tqdm=False), args.repeats
         )
     lora_engine.close()

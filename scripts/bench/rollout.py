@@ -39,7 +39,7 @@ QUESTIONS = [
 INSTRUCTION = "Put the final answer in \\boxed{}."
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """Median wall time of ``fn`` over ``repeats`` calls (after one untimed warm-up) and the last result."""
     fn()
     times, result = [], None
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"model": args.model, "parameters": sum(p.numel() for p in policy.parameters())}
 
     hf = TransformersEngine(policy, tokenizer, max_batch_size=args.prompts * n)
-    hf_s, hf_out = _median_time(lambda: hf.generate(prompts, sampling, n), args.repeats)
+    hf_s, hf_out = median_time(lambda: hf.generate(prompts, sampling, n), args.repeats)
     report["transformers"] = {"generate_s": hf_s, "tokens": hf_out.num_tokens}
 
     start = time.perf_counter()
@@ -112,16 +112,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["vllm_import_s"] = time.perf_counter() - start
     engine = VLLMEngine(policy, tokenizer, cpu_kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)
     report["vllm_start_s"] = engine.start_s
-    v_s, v_out = _median_time(lambda: engine.generate(prompts, sampling, n), args.repeats)
+    v_s, v_out = median_time(lambda: engine.generate(prompts, sampling, n), args.repeats)
     report["vllm"] = {"generate_s": v_s, "tokens": v_out.num_tokens}
 
-    push_s, _ = _median_time(lambda: engine.update_weights(policy.named_parameters()), args.repeats)
+    push_s, _ = median_time(lambda: engine.update_weights(policy.named_parameters()), args.repeats)
 
     def readback() -> float:
         engine._checksum = None  # time the read-back itself, not the per-push cache
         return engine.weights_checksum()
 
-    checksum_s, _ = _median_time(readback, args.repeats)
+    checksum_s, _ = median_time(readback, args.repeats)
     report["push_s"], report["checksum_s"] = push_s, checksum_s
 
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     sequences = [(prompts[i // n] + c, len(c)) for i, c in enumerate(v_out.token_ids)]
     pad_id = int(tokenizer.pad_token_id)
-    train_s, _ = _median_time(
+    train_s, _ = median_time(
         lambda: _train_pass(policy, reference, optimizer, sequences, pad_id, args.micro_batch), args.repeats
     )
     report["train_s"] = train_s

@@ -55,7 +55,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
@@ -187,7 +187,8 @@ class VLLMEngine(GenerationEngine):
             hidden = f"its known harmless messages are hidden ({VERBOSE_ENV}=1 shows them)"
             rank_zero_info(f"vLLM engine ready in {self.start_s:.1f} s; {hidden}")
         self._checksum: float | None = None
-        self.update_weights(_named_weights(model))
+        # The initial push: a LoRA policy's weights with its adapters folded in, as the trainer pushes them.
+        self.update_weights(merged_weights(model))
 
     # -- GenerationEngine ------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, n: int = 1) -> Generation:
@@ -325,12 +326,6 @@ def _quiet(noise: tuple[str, tuple[str, ...]]) -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(drop)
-
-
-def _named_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """The policy's parameters under their HF names, detached (the initial push); a LoRA policy's with its adapters
-    folded in, as the trainer pushes them."""
-    yield from merged_weights(model)
 
 
 _LOGGED: set[str] = set()
